@@ -1,0 +1,65 @@
+"""The FastAPI application: `create_app(settings)` wires routers, errors and the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+
+from service.body_limit import BodyLimit
+from service.chat.router import router as chat_router
+from service.chat.service import ChatService
+from service.engine.launcher import launch_spec
+from service.engine.pool import EnginePool
+from service.engine.supervisor import EngineSupervisor
+from service.errors import install_error_handlers
+from service.health.router import router as health_router
+from service.models.catalog import ModelCatalog
+from service.models.router import router as models_router
+from service.settings import Settings
+
+log = logging.getLogger("lorag")
+
+
+def create_app(settings: Settings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # One pooled client for all engine traffic; per-request timeouts are set where requests are built.
+        http = httpx.AsyncClient(limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256))
+        if settings.embedded:
+            supervisor = EngineSupervisor(
+                lambda: launch_spec(settings),
+                http,
+                startup_timeout_s=settings.engine_startup_timeout_s,
+                backoff_max_s=settings.engine_restart_backoff_max_s,
+            )
+            engines = EnginePool.embedded(http, supervisor)
+        else:
+            engines = EnginePool.external(http, settings.engine_urls)
+        catalog = ModelCatalog(settings)
+        app.state.engines = engines
+        app.state.catalog = catalog
+        app.state.chat = ChatService(settings, engines, catalog, http)
+        await engines.start()
+        log.info("lorag serving model %r (%s engine)", catalog.base, "embedded" if settings.embedded else "external")
+        try:
+            yield
+        finally:
+            await engines.stop()
+            await http.aclose()
+
+    app = FastAPI(
+        title="lorag",
+        summary="A specialist LLM: LoRA adapters for behaviour, a live knowledge base for facts, vLLM for throughput.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    install_error_handlers(app)
+    app.include_router(chat_router)
+    app.include_router(models_router)
+    app.include_router(health_router)
+    return app

@@ -1,0 +1,70 @@
+"""The `lorag` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+log = logging.getLogger("lorag")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lorag", description="Serve a specialist LLM with vLLM, LoRA and RAG.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the gateway (and a local vLLM unless LORAG_ENGINE_URLS is set)")
+    serve.add_argument("--host", help="listen address (LORAG_HOST)")
+    serve.add_argument("--port", type=int, help="listen port (LORAG_PORT)")
+
+    demo = commands.add_parser("demo", help="build the offline demo world", add_help=False)
+    demo.add_argument("args", nargs=argparse.REMAINDER, help="e.g. build-base [--variant tiny] [--seed N] [--force]")
+
+    args = parser.parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        parser.exit(2, f"lorag: invalid settings:\n{exc}\n")
+
+    if args.command == "demo":
+        return _demo(settings, args.args)
+    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+    return _serve(settings.model_copy(update=overrides))
+
+
+def _demo(settings: Settings, args: list[str]) -> int:
+    """Run the training package's demo builder in its own process (service never imports training)."""
+    if args[:1] == ["build-base"] and "--out" not in args:
+        args = [*args, "--out", str(settings.model_path)]
+    return subprocess.call([sys.executable, "-m", "training.demo", *args])
+
+
+def _serve(settings: Settings) -> int:
+    import uvicorn
+
+    from service.app import create_app
+
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # One line per engine call would drown the gateway's own log.
+    logging.getLogger("httpx").setLevel(max(logging.WARNING, logging.getLogger().level))
+    if settings.embedded:
+        if settings.model is None and not (settings.model_path / "config.json").exists():
+            log.info("no model configured and no demo model yet: building it at %s", settings.model_path)
+            if _demo(settings, ["build-base"]) != 0:
+                return 1
+        if not (settings.model_path / "config.json").exists():
+            log.error("LORAG_MODEL=%s is not a model directory (no config.json)", settings.model_path)
+            return 2
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

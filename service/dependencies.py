@@ -1,0 +1,21 @@
+"""Typed accessors for the objects the lifespan keeps on `app.state`."""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from service.chat.service import ChatService
+from service.engine.pool import EnginePool
+from service.models.catalog import ModelCatalog
+
+
+def get_chat(request: Request) -> ChatService:
+    return request.app.state.chat
+
+
+def get_catalog(request: Request) -> ModelCatalog:
+    return request.app.state.catalog
+
+
+def get_engines(request: Request) -> EnginePool:
+    return request.app.state.engines

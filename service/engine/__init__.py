@@ -1,0 +1,1 @@
+"""The vLLM engines: launching and supervising a local one, and the pool the gateway sends to."""

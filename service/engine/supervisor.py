@@ -1,0 +1,201 @@
+"""Runs the embedded vLLM server as a child process and keeps it alive.
+
+The child gets its own session (process group) so that it and its workers
+(vLLM forks an EngineCore and a Worker) can be signalled as one. Every path out
+of lorag kills that group: a normal shutdown, a crash of the child (its
+orphaned workers would otherwise hold the port and memory), an interpreter
+exit (atexit) and, through PR_SET_PDEATHSIG, even a SIGKILL of lorag.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import atexit
+import collections
+import ctypes
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+import httpx
+
+from service.engine.launcher import LaunchSpec
+
+log = logging.getLogger("lorag.engine")
+
+_PR_SET_PDEATHSIG = 1
+_STOP_GRACE_S = 15.0
+
+
+def _die_with_parent() -> None:
+    # Runs in the child between fork and exec.
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _kill_group(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _group_alive(pgid: int) -> bool:
+    return _kill_group(pgid, 0)
+
+
+class EngineSupervisor:
+    """Starts the engine, waits until it answers, restarts it with backoff when it dies."""
+
+    def __init__(
+        self,
+        spec: Callable[[], LaunchSpec],
+        http: httpx.AsyncClient,
+        startup_timeout_s: float,
+        backoff_max_s: float,
+    ):
+        self._spec = spec
+        self._http = http
+        self._startup_timeout_s = startup_timeout_s
+        self._backoff_max_s = backoff_max_s
+        self._proc: asyncio.subprocess.Process | None = None
+        self._task: asyncio.Task | None = None
+        self._stopping = False
+        self._ready = asyncio.Event()
+        self._tail: collections.deque[str] = collections.deque(maxlen=40)
+        self.url: str | None = None
+        self.restarts = 0
+        atexit.register(self._kill_now)
+
+    @property
+    def ready(self) -> bool:
+        return self._ready.is_set()
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="engine-supervisor")
+
+    async def wait_ready(self, timeout: float) -> bool:
+        try:
+            await asyncio.wait_for(self._ready.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+    async def stop(self) -> None:
+        self._stopping = True
+        self._ready.clear()
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self._terminate()
+        atexit.unregister(self._kill_now)
+
+    async def _run(self) -> None:
+        backoff = 1.0
+        while not self._stopping:
+            started = time.monotonic()
+            spec = self._spec()
+            try:
+                await self._spawn(spec)
+            except OSError as exc:
+                log.error("cannot start the engine (%s): %s", spec.argv[0], exc)
+                self._proc = None
+            try:
+                if self._proc is not None and await self._until_ready(spec):
+                    log.info("engine ready at %s after %.0f s (pid %d)", self.url, time.monotonic() - started, self.pid)
+                    self._ready.set()
+                    await self._proc.wait()
+                    backoff = 1.0  # it ran fine for a while: a fresh crash starts the backoff over
+                    log.error("engine exited with code %s; last output:\n%s", self._proc.returncode, self._last_output())
+                elif self._proc is not None:
+                    log.error(
+                        "engine did not become ready (exit code %s); last output:\n%s",
+                        self._proc.returncode, self._last_output(),
+                    )
+            finally:
+                self._ready.clear()
+            await self._terminate()
+            self.restarts += 1
+            log.warning("restarting the engine in %.0f s", backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, self._backoff_max_s)
+
+    async def _spawn(self, spec: LaunchSpec) -> None:
+        self.url = f"http://127.0.0.1:{spec.port}"
+        self._tail.clear()
+        log.info("starting engine: %s", " ".join(spec.argv))
+        self._proc = await asyncio.create_subprocess_exec(
+            *spec.argv,
+            env=spec.env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+        asyncio.create_task(self._pump(self._proc), name="engine-log")
+
+    async def _pump(self, proc: asyncio.subprocess.Process) -> None:
+        """Forward the engine's output to our log, keeping the tail for crash reports."""
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode(errors="replace").rstrip()
+            self._tail.append(line)
+            log.debug("%s", line)
+
+    async def _until_ready(self, spec: LaunchSpec) -> bool:
+        """Poll the engine's /health until 200; False if it exits or the timeout passes first."""
+        deadline = time.monotonic() + self._startup_timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.returncode is not None:
+                return False
+            try:
+                response = await self._http.get(f"{self.url}/health", timeout=2.0)
+                if response.status_code == 200:
+                    return True
+            except httpx.HTTPError:
+                pass
+            try:
+                await asyncio.wait_for(self._proc.wait(), 0.5)
+            except TimeoutError:
+                pass
+        log.error("engine not ready within %.0f s (LORAG_ENGINE_STARTUP_TIMEOUT_S)", self._startup_timeout_s)
+        return False
+
+    async def _terminate(self) -> None:
+        """SIGTERM the engine's whole process group, then SIGKILL what is left after a grace period."""
+        proc = self._proc
+        if proc is None:
+            return
+        pgid = proc.pid  # start_new_session: the child leads its own group
+        if _kill_group(pgid, signal.SIGTERM):
+            deadline = time.monotonic() + _STOP_GRACE_S
+            while _group_alive(pgid) and time.monotonic() < deadline:
+                if proc.returncode is None:
+                    try:
+                        await asyncio.wait_for(proc.wait(), 0.2)
+                    except TimeoutError:
+                        pass
+                else:
+                    await asyncio.sleep(0.2)
+            if _kill_group(pgid, signal.SIGKILL):
+                log.warning("engine did not stop within %.0f s; killed", _STOP_GRACE_S)
+        if proc.returncode is None:
+            await proc.wait()
+        self._proc = None
+
+    def _kill_now(self) -> None:
+        if self._proc is not None:
+            _kill_group(self._proc.pid, signal.SIGKILL)
+
+    def _last_output(self) -> str:
+        return "\n".join(self._tail) or "(none)"

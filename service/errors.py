@@ -1,0 +1,128 @@
+"""Domain errors and the one place that maps every error to the envelope.
+
+Envelope (OpenAI's shape): {"error": {"message", "type", "param", "code"}}.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class LoragError(Exception):
+    """Base of every error a caller may see; subclasses fix the status and type."""
+
+    status_code = 400
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def headers(self) -> dict[str, str] | None:
+        return None
+
+
+class InvalidRequest(LoragError):
+    pass
+
+
+class LimitExceeded(LoragError):
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message, param=param, code="limit_exceeded")
+
+
+class BodyTooLarge(LoragError):
+    status_code = 413
+
+    def __init__(self, limit: int):
+        super().__init__(
+            f"request body is larger than {limit} bytes; send less (limit: LORAG_MAX_BODY_BYTES)",
+            code="body_too_large",
+        )
+
+
+class ModelNotFound(LoragError):
+    status_code = 404
+    type = "not_found_error"
+
+    def __init__(self, name: str, known: list[str]):
+        super().__init__(
+            f"model {name!r} does not exist; known models: {', '.join(known)}", param="model", code="model_not_found"
+        )
+
+
+class EngineUnavailable(LoragError):
+    status_code = 503
+    type = "engine_unavailable"
+
+    def __init__(self, message: str = "the generation engine is not ready; retry shortly"):
+        super().__init__(message, code="engine_unavailable")
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
+
+
+class EngineError(LoragError):
+    """The engine answered with a server error or broke the connection."""
+
+    status_code = 502
+    type = "engine_error"
+
+
+class EngineRejected(LoragError):
+    """The engine refused the request as invalid (it knows limits we do not, e.g. context length)."""
+
+    def __init__(self, status_code: int, message: str, param: str | None, type_: str | None):
+        super().__init__(message, param=param, code="engine_rejected")
+        self.status_code = status_code
+        self.type = "not_found_error" if status_code == 404 else "invalid_request_error"
+
+
+def envelope(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _respond(status: int, body: dict, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(LoragError)
+    async def _domain(_: Request, exc: LoragError) -> JSONResponse:
+        return _respond(exc.status_code, envelope(exc.message, exc.type, exc.param, exc.code), exc.headers())
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        # OpenAI answers malformed requests with 400, and so do we; the first
+        # problem is named with its location so the caller knows what to fix.
+        errors = exc.errors()
+        first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            detail = first.get("ctx", {}).get("error", "")
+            return _respond(400, envelope(f"request body is not valid JSON: {detail}", "invalid_request_error",
+                                          code="invalid_json"))
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first['msg']}" if param else first["msg"]
+        if len(errors) > 1:
+            message += f" (and {len(errors) - 1} more problem(s))"
+        return _respond(400, envelope(message, "invalid_request_error", param, "invalid_value"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _respond(exc.status_code, envelope(str(exc.detail), type_), getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return _respond(500, envelope("internal error; see the service log", "internal_error"))

@@ -1,0 +1,17 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends
+
+from service.dependencies import get_catalog
+from service.models.catalog import ModelCatalog
+from service.models.schemas import ModelList
+
+router = APIRouter(tags=["models"])
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(catalog: Annotated[ModelCatalog, Depends(get_catalog)]) -> dict:
+    """List the models that `model` may name (OpenAI list shape)."""
+    return {"object": "list", "data": catalog.listing()}

@@ -1,0 +1,84 @@
+"""Service settings: every knob of the gateway and its embedded engine, from `LORAG_*` variables."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+DEMO_MODEL_NAME = "lorag-demo"
+
+
+class Settings(BaseSettings):
+    """Read once by the CLI (or a test) and passed to `create_app`; never a module global."""
+
+    model_config = SettingsConfigDict(env_prefix="LORAG_", protected_namespaces=())
+
+    # Gateway
+    host: str = Field("127.0.0.1", description="Address the gateway listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
+    home: Path = Field(Path("var"), description="Data directory: models, adapters, state, logs.")
+    log_level: str = Field("info", description="Log level; 'debug' also shows the embedded engine's output.")
+
+    # Base model
+    model: Path | None = Field(
+        None, description="Hugging Face causal-LM directory to serve; default: the demo model under home."
+    )
+    model_name: str | None = Field(
+        None, description="Name clients pass as `model`; default: 'lorag-demo' or the model directory's name."
+    )
+
+    # Engine
+    engine_urls: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated vLLM server URLs (external mode); empty starts a local vLLM (embedded mode).",
+    )
+    engine_python: str = Field(sys.executable, description="Python interpreter that runs the embedded vLLM.")
+    engine_args: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Extra vLLM command-line flags, shell-quoted, for the embedded engine."
+    )
+    engine_kv_cache_gib: int = Field(1, ge=1, description="KV-cache size in GiB for vLLM on CPU.")
+    engine_max_model_len: int = Field(2048, ge=128, description="Longest prompt plus output, in tokens.")
+    engine_max_lora_rank: int = Field(8, description="Largest LoRA rank the engine accepts (vLLM: 1, 8, 16, 32, ...).")
+    engine_max_loras: int = Field(4, ge=1, description="LoRA adapters resident in one batch.")
+    engine_dtype: str = Field("auto", description="vLLM --dtype.")
+    engine_startup_timeout_s: float = Field(600, gt=0, description="Longest wait for the engine to become ready.")
+    engine_restart_backoff_max_s: float = Field(30, gt=0, description="Cap of the restart backoff after a crash.")
+    engine_timeout_s: float = Field(300, gt=0, description="Longest wait for the engine's next byte on a request.")
+
+    # Request limits, enforced before the engine sees a request
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body, in bytes.")
+    max_messages: int = Field(128, ge=1, description="Most messages in one chat request.")
+    max_message_chars: int = Field(32_000, ge=1, description="Most characters in one message's content.")
+    max_tokens: int = Field(1024, ge=1, description="Most output tokens one request may ask for (also the default).")
+    max_n: int = Field(4, ge=1, description="Most choices (`n`) one request may ask for.")
+
+    @field_validator("engine_urls", mode="before")
+    @classmethod
+    def _split_urls(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [url.strip().rstrip("/") for url in value.split(",") if url.strip()]
+        return value
+
+    @field_validator("engine_args", mode="before")
+    @classmethod
+    def _split_args(cls, value: object) -> object:
+        return shlex.split(value) if isinstance(value, str) else value
+
+    @property
+    def model_path(self) -> Path:
+        return self.model if self.model is not None else self.home / "models" / "demo-base"
+
+    @property
+    def served_model_name(self) -> str:
+        if self.model_name:
+            return self.model_name
+        return DEMO_MODEL_NAME if self.model is None else self.model.resolve().name
+
+    @property
+    def embedded(self) -> bool:
+        return not self.engine_urls

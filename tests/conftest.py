@@ -1,0 +1,46 @@
+"""Session-wide real components: the tiny demo model and one lorag gateway with its vLLM engine."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+
+from tests.gateway import Gateway
+from training.demo.base import build_base
+
+# Small limits so that every limit is cheap to cross in tests.
+LIMITS = {
+    "LORAG_MAX_TOKENS": "512",
+    "LORAG_MAX_N": "2",
+    "LORAG_MAX_MESSAGES": "8",
+    "LORAG_MAX_MESSAGE_CHARS": "2000",
+    "LORAG_MAX_BODY_BYTES": "65536",
+}
+MODEL_NAME = "tiny-demo"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_base(tmp_path_factory.mktemp("models") / "tiny", variant="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """One `lorag serve` (embedded vLLM) shared by the session; stopping it must leave no engine behind."""
+    gw = Gateway(
+        tiny_model,
+        tmp_path_factory.mktemp("home"),
+        env={**LIMITS, "LORAG_MODEL_NAME": MODEL_NAME, "LORAG_ENGINE_MAX_MODEL_LEN": "1024"},
+    ).start()
+    try:
+        gw.wait_ready()
+    except BaseException:
+        gw.stop(signal.SIGKILL)
+        raise
+    yield gw
+    code, left = gw.stop(signal.SIGTERM)
+    # uvicorn shuts down gracefully, then re-raises the signal so the exit status tells why it ended.
+    assert code in (0, -signal.SIGTERM), f"lorag exited with {code} on SIGTERM:\n{gw.log_tail()}"
+    assert not left, f"engine processes left after lorag stopped: {left}"

@@ -1,0 +1,114 @@
+"""A real `lorag serve` process for tests: start it, wait for readiness, stop it, find its engine."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import psutil
+
+from service.engine.launcher import free_port
+
+
+def engine_children(pid: int) -> list[psutil.Process]:
+    """The vLLM API-server processes lorag started (direct children running vLLM's entrypoint)."""
+    found = []
+    for child in psutil.Process(pid).children():
+        try:
+            if "vllm.entrypoints.openai.api_server" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.NoSuchProcess:
+            pass
+    return found
+
+
+def live_group_members(pgid: int) -> list[psutil.Process]:
+    members = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                members.append(proc)
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    return members
+
+
+@dataclass
+class Gateway:
+    model: Path
+    home: Path
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log_path(self) -> Path:
+        return self.home / f"gateway-{self.port}.log"
+
+    def start(self) -> Gateway:
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = {
+            **os.environ,
+            "LORAG_HOME": str(self.home),
+            "LORAG_MODEL": str(self.model),
+            "LORAG_PORT": str(self.port),
+            "PYTHONUNBUFFERED": "1",
+            **self.env,
+        }
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "serve"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        return self
+
+    def wait_ready(self, timeout: float = 300) -> float:
+        """Seconds until /readyz answered 200; fails with the log tail if it never does."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"lorag exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=5).status_code == 200:
+                    return time.monotonic() - started
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        raise AssertionError(f"lorag not ready within {timeout} s:\n{self.log_tail()}")
+
+    def engine(self) -> psutil.Process:
+        children = engine_children(self.proc.pid)
+        assert len(children) == 1, f"expected one engine process, found {children}"
+        return children[0]
+
+    def engine_url(self) -> str:
+        port = re.search(r"--port (\d+)", " ".join(self.engine().cmdline())).group(1)
+        return f"http://127.0.0.1:{port}"
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> tuple[int, list[psutil.Process]]:
+        """Signal lorag, wait for it to exit; returns its exit code and any engine process left behind."""
+        groups = [child.pid for child in engine_children(self.proc.pid)]
+        self.proc.send_signal(sig)
+        try:
+            code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"lorag did not exit within {timeout} s of signal {sig}:\n{self.log_tail()}")
+        left = [p for pgid in groups for p in live_group_members(pgid)]
+        return code, left
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"

@@ -1,0 +1,159 @@
+"""Chat through the gateway against the session's real vLLM engine."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import psutil
+import pytest
+
+from tests.conftest import MODEL_NAME
+from tests.sse import sse_payloads
+
+# The tiny model's weights are random: ignore_eos (a vLLM extension the gateway
+# passes through) makes the output length exact.
+ASK = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "When does the pilotage fee change?"}]}
+
+
+def test_chat_non_streaming_returns_a_vllm_completion(gateway):
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json={**ASK, "max_tokens": 7, "ignore_eos": True})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion"
+    assert body["model"] == MODEL_NAME
+    assert body["system_fingerprint"].startswith("vllm-")
+    assert body["choices"][0]["message"]["role"] == "assistant"
+    assert body["choices"][0]["message"]["content"]
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"]["completion_tokens"] == 7
+
+
+def test_chat_without_max_tokens_gets_the_service_limit(gateway):
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json={**ASK, "ignore_eos": True}, timeout=60)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["completion_tokens"] == 512  # LORAG_MAX_TOKENS in conftest
+
+
+def test_chat_streaming_sends_whole_sse_chunks_then_done(gateway):
+    with httpx.stream(
+        "POST", f"{gateway.url}/v1/chat/completions", json={**ASK, "max_tokens": 5, "ignore_eos": True, "stream": True}
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        body = response.read().decode()
+    payloads = sse_payloads(body)
+    assert payloads[-1] == "[DONE]"
+    chunks = payloads[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == MODEL_NAME for c in chunks)
+    tokens = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    assert len(tokens) == 5
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_official_openai_client_chats_streams_and_lists_models(gateway):
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+
+    models = client.models.list()
+    assert [m.id for m in models.data] == [MODEL_NAME]
+
+    completion = client.chat.completions.create(
+        model=MODEL_NAME, messages=ASK["messages"], max_tokens=4, extra_body={"ignore_eos": True}
+    )
+    assert completion.choices[0].message.content
+    assert completion.usage.completion_tokens == 4
+
+    stream = client.chat.completions.create(
+        model=MODEL_NAME, messages=ASK["messages"], max_tokens=4, stream=True, extra_body={"ignore_eos": True}
+    )
+    pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+    assert len(pieces) == 4
+
+
+def test_openai_client_sees_gateway_errors_as_api_errors(gateway):
+    client = openai.OpenAI(base_url=f"{gateway.url}/v1", api_key="unused", max_retries=0)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.chat.completions.create(model="no-such-model", messages=ASK["messages"], max_tokens=2)
+    assert MODEL_NAME in caught.value.message
+
+
+def _messages(count: int) -> list[dict]:
+    return [{"role": "user", "content": "hi"}] * count
+
+
+LIMIT_CASES = [
+    # (what is wrong, request body, status, param)
+    ("max_tokens over the limit", {**ASK, "max_tokens": 513}, 400, "max_tokens"),
+    ("max_completion_tokens over the limit", {**ASK, "max_completion_tokens": 513}, 400, "max_completion_tokens"),
+    ("n over the limit", {**ASK, "max_tokens": 2, "n": 3}, 400, "n"),
+    ("too many messages", {**ASK, "messages": _messages(9)}, 400, "messages"),
+    ("message too long", {**ASK, "messages": [{"role": "user", "content": "x" * 2001}]}, 400, "messages.0.content"),
+    ("content parts too long", {**ASK, "messages": [{"role": "user", "content": [{"type": "text", "text": "x" * 2001}]}]},
+     400, "messages.0.content"),
+    ("no messages", {**ASK, "messages": []}, 400, "messages"),
+    ("unknown role", {**ASK, "messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ("max_tokens zero", {**ASK, "max_tokens": 0}, 400, "max_tokens"),
+    ("model missing", {"messages": ASK["messages"]}, 400, "model"),
+    ("unknown model", {**ASK, "model": "gpt-4"}, 404, "model"),
+    ("body too large", {**ASK, "messages": [{"role": "user", "content": "x" * 70_000}]}, 413, None),
+]
+
+
+@pytest.mark.parametrize(("case", "body", "status", "param"), LIMIT_CASES, ids=[c[0] for c in LIMIT_CASES])
+def test_limits_and_bad_requests_get_a_4xx_envelope(gateway, case, body, status, param):
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert error["message"]
+
+
+def test_limits_are_enforced_before_the_engine_sees_the_request(gateway):
+    def engine_requests() -> float:
+        metrics = httpx.get(f"{gateway.engine_url()}/metrics").text
+        return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("vllm:request_success_total"))
+
+    httpx.post(f"{gateway.url}/v1/chat/completions", json={**ASK, "max_tokens": 1})
+    before = engine_requests()
+    for _, body, _, _ in LIMIT_CASES:
+        httpx.post(f"{gateway.url}/v1/chat/completions", json=body)
+    httpx.post(f"{gateway.url}/v1/chat/completions", json={**ASK, "max_tokens": 1})
+    # Only the last, valid request reached vLLM.
+    assert engine_requests() == before + 1
+
+
+def test_invalid_json_is_a_400(gateway):
+    response = httpx.post(
+        f"{gateway.url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_json"
+
+
+def test_engine_rejections_keep_their_4xx(gateway):
+    # Longer than the engine's context (LORAG_ENGINE_MAX_MODEL_LEN=1024): only vLLM knows the token count.
+    words = " ".join(["harbour"] * 1900)
+    body = {**ASK, "max_tokens": 8, "messages": [{"role": "user", "content": words[:1999]}] * 8}
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["code"] == "engine_rejected"
+
+
+@pytest.mark.parametrize("path", ["/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/tokenize", "/v1/completions"])
+def test_vllm_admin_and_raw_routes_are_not_reachable_through_the_gateway(gateway, path):
+    response = httpx.post(f"{gateway.url}{path}", json={"lora_name": "x", "lora_path": "/tmp"})
+    assert response.status_code == 404
+    assert response.json()["error"]["type"] == "not_found_error"
+
+
+def test_engine_listens_on_loopback_only(gateway):
+    listening = [c for c in gateway.engine().net_connections("tcp") if c.status == psutil.CONN_LISTEN]
+    assert listening
+    assert {c.laddr.ip for c in listening} == {"127.0.0.1"}
+
+
+def test_health_and_readiness(gateway):
+    assert httpx.get(f"{gateway.url}/healthz").json() == {"status": "ok"}
+    ready = httpx.get(f"{gateway.url}/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["engines"] == [{"name": "engine-0", "ready": True}]

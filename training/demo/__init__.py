@@ -1,0 +1,1 @@
+"""The demo world: a tiny base model and a synthetic domain, built offline."""
