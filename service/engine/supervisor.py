@@ -62,6 +62,7 @@ class EngineSupervisor:
         self._backoff_max_s = backoff_max_s
         self._proc: asyncio.subprocess.Process | None = None
         self._task: asyncio.Task | None = None
+        self._pump_task: asyncio.Task | None = None
         self._stopping = False
         self._ready = asyncio.Event()
         self._tail: collections.deque[str] = collections.deque(maxlen=40)
@@ -142,7 +143,8 @@ class EngineSupervisor:
             start_new_session=True,
             preexec_fn=_die_with_parent,
         )
-        asyncio.create_task(self._pump(self._proc), name="engine-log")
+        # Held so the task is not garbage-collected; it ends when the child's output closes.
+        self._pump_task = asyncio.create_task(self._pump(self._proc), name="engine-log")
 
     async def _pump(self, proc: asyncio.subprocess.Process) -> None:
         """Forward the engine's output to our log, keeping the tail for crash reports."""
