@@ -7,9 +7,12 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import httpx
+from anyio import to_thread
 from fastapi import FastAPI
 
+from knowledge import KnowledgeBase, KnowledgeSettings
 from service.body_limit import BodyLimit
+from service.chat.retrieval import Retrieval, load_builder
 from service.chat.router import router as chat_router
 from service.chat.service import ChatService
 from service.engine.launcher import launch_spec
@@ -17,6 +20,8 @@ from service.engine.pool import EnginePool
 from service.engine.supervisor import EngineSupervisor
 from service.errors import install_error_handlers
 from service.health.router import router as health_router
+from service.knowledge.router import router as knowledge_router
+from service.knowledge.service import KnowledgeService
 from service.models.catalog import ModelCatalog
 from service.models.router import router as models_router
 from service.settings import Settings
@@ -24,7 +29,10 @@ from service.settings import Settings
 log = logging.getLogger("lorag")
 
 
-def create_app(settings: Settings) -> FastAPI:
+def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None = None) -> FastAPI:
+    """The gateway; knowledge settings default to LORAG_* variables with the service's home."""
+    knowledge_settings = knowledge_settings or KnowledgeSettings(home=settings.home)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # One pooled client for all engine traffic; per-request timeouts are set where requests are built.
@@ -40,16 +48,22 @@ def create_app(settings: Settings) -> FastAPI:
         else:
             engines = EnginePool.external(http, settings.engine_urls)
         catalog = ModelCatalog(settings)
+        # The engine starts in the background first, so its start overlaps the
+        # knowledge base's (the embedder and Chroma take seconds to open).
+        await engines.start()
+        kb = await to_thread.run_sync(KnowledgeBase, knowledge_settings)
+        builder = await to_thread.run_sync(load_builder, settings)
+        app.state.knowledge = KnowledgeService(kb, settings)
         app.state.engines = engines
         app.state.catalog = catalog
-        app.state.chat = ChatService(settings, engines, catalog, http)
-        await engines.start()
+        app.state.chat = ChatService(settings, engines, catalog, http, Retrieval(kb, builder, settings))
         log.info("lorag serving model %r (%s engine)", catalog.base, "embedded" if settings.embedded else "external")
         try:
             yield
         finally:
             await engines.stop()
             await http.aclose()
+            kb.close()
 
     app = FastAPI(
         title="lorag",
@@ -57,9 +71,15 @@ def create_app(settings: Settings) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(
+        BodyLimit,
+        max_bytes=settings.max_body_bytes,
+        upload_max_bytes=settings.max_upload_bytes,
+        upload_suffixes=("/files", "/documents/bulk"),
+    )
     install_error_handlers(app)
     app.include_router(chat_router)
     app.include_router(models_router)
+    app.include_router(knowledge_router)
     app.include_router(health_router)
     return app

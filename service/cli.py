@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 from pydantic import ValidationError
 
@@ -25,7 +28,23 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="build the offline demo world", add_help=False)
     demo.add_argument("args", nargs=argparse.REMAINDER, help="e.g. build-base [--variant tiny] [--seed N] [--force]")
 
+    docs = commands.add_parser("docs", help="push documents to / search a running service's knowledge base")
+    docs.add_argument("--url", default=os.environ.get("LORAG_URL", "http://127.0.0.1:8000"),
+                      help="the service (LORAG_URL; default http://127.0.0.1:8000)")
+    docs_commands = docs.add_subparsers(dest="docs_command", required=True)
+    push = docs_commands.add_parser("push", help="upload files, folders (recursively) and JSON-lines files")
+    push.add_argument("paths", nargs="+", type=Path, metavar="PATH")
+    push.add_argument("--collection", required=True, help="created if it does not exist")
+    search = docs_commands.add_parser("search", help="search a collection")
+    search.add_argument("query")
+    search.add_argument("--collection", required=True)
+    search.add_argument("--top-k", type=int, default=5)
+    search.add_argument("--mode", choices=["hybrid", "dense", "keyword"], default="hybrid")
+    search.add_argument("--filter", type=json.loads, help='metadata filter as JSON, e.g. \'{"lang": "en"}\'')
+
     args = parser.parse_args(argv)
+    if args.command == "docs":
+        return _docs(args)
     try:
         settings = Settings()
     except ValidationError as exc:
@@ -35,6 +54,25 @@ def main(argv: list[str] | None = None) -> int:
         return _demo(settings, args.args)
     overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
     return _serve(settings.model_copy(update=overrides))
+
+
+def _docs(args: argparse.Namespace) -> int:
+    import httpx
+
+    from service.knowledge.client import DocsClient, print_hits, summary
+
+    client = DocsClient(args.url, args.collection)
+    try:
+        if args.docs_command == "search":
+            print_hits(client.search(args.query, args.top_k, args.mode, args.filter))
+            return 0
+        client.ensure_collection()
+        outcomes = client.push(args.paths)
+    except httpx.TransportError as exc:
+        print(f"lorag docs: cannot reach the service at {args.url}: {exc}", file=sys.stderr)
+        return 2
+    print(summary(outcomes))
+    return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
 def _demo(settings: Settings, args: list[str]) -> int:

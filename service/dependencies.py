@@ -6,6 +6,7 @@ from fastapi import Request
 
 from service.chat.service import ChatService
 from service.engine.pool import EnginePool
+from service.knowledge.service import KnowledgeService
 from service.models.catalog import ModelCatalog
 
 
@@ -19,3 +20,7 @@ def get_catalog(request: Request) -> ModelCatalog:
 
 def get_engines(request: Request) -> EnginePool:
     return request.app.state.engines
+
+
+def get_knowledge(request: Request) -> KnowledgeService:
+    return request.app.state.knowledge

@@ -6,11 +6,15 @@ Envelope (OpenAI's shape): {"error": {"message", "type", "param", "code"}}.
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from knowledge.errors import CollectionExists, CollectionNotFound, DocumentNotFound, KnowledgeError
+from knowledge.parsing import UnreadableFile, UnsupportedFile
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +49,8 @@ class BodyTooLarge(LoragError):
 
     def __init__(self, limit: int):
         super().__init__(
-            f"request body is larger than {limit} bytes; send less (limit: LORAG_MAX_BODY_BYTES)",
+            f"request body is larger than {limit} bytes; send less "
+            "(limits: LORAG_MAX_BODY_BYTES, LORAG_MAX_UPLOAD_BYTES for uploads and bulk)",
             code="body_too_large",
         )
 
@@ -87,6 +92,28 @@ class EngineRejected(LoragError):
         self.type = "not_found_error" if status_code == 404 else "invalid_request_error"
 
 
+# Knowledge errors are raised by a package that knows nothing of HTTP; their
+# status is decided here. Anything not listed is a caller's mistake: 400.
+_KNOWLEDGE_STATUS: dict[type[KnowledgeError], tuple[int, str]] = {
+    CollectionNotFound: (404, "not_found_error"),
+    DocumentNotFound: (404, "not_found_error"),
+    CollectionExists: (409, "conflict_error"),
+    UnsupportedFile: (415, "invalid_request_error"),
+    UnreadableFile: (422, "invalid_request_error"),
+}
+
+
+def _knowledge_status(exc: KnowledgeError) -> tuple[int, str]:
+    for cls in type(exc).__mro__:
+        if cls in _KNOWLEDGE_STATUS:
+            return _KNOWLEDGE_STATUS[cls]
+    return 400, "invalid_request_error"
+
+
+def _snake(name: str) -> str:
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
 def envelope(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
@@ -99,6 +126,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LoragError)
     async def _domain(_: Request, exc: LoragError) -> JSONResponse:
         return _respond(exc.status_code, envelope(exc.message, exc.type, exc.param, exc.code), exc.headers())
+
+    @app.exception_handler(KnowledgeError)
+    async def _knowledge(_: Request, exc: KnowledgeError) -> JSONResponse:
+        status, type_ = _knowledge_status(exc)
+        return _respond(status, envelope(str(exc), type_, code=_snake(type(exc).__name__)))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -7,8 +7,12 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
+from typing import Literal
+
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from knowledge.prompting import DEFAULT_SYSTEM_TEMPLATE, check_template
 
 DEMO_MODEL_NAME = "lorag-demo"
 
@@ -52,10 +56,32 @@ class Settings(BaseSettings):
 
     # Request limits, enforced before the engine sees a request
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body, in bytes.")
+    max_upload_bytes: int = Field(
+        20_971_520, ge=1024, description="Largest file upload or bulk (JSON lines) body, in bytes."
+    )
+    max_bulk_documents: int = Field(1000, ge=1, description="Most documents in one bulk request.")
     max_messages: int = Field(128, ge=1, description="Most messages in one chat request.")
     max_message_chars: int = Field(32_000, ge=1, description="Most characters in one message's content.")
     max_tokens: int = Field(1024, ge=1, description="Most output tokens one request may ask for (also the default).")
     max_n: int = Field(4, ge=1, description="Most choices (`n`) one request may ask for.")
+
+    # Retrieval in chat
+    rag_collection: str | None = Field(
+        None, description="Collection chat retrieves from when a request names none; unset: only when asked."
+    )
+    rag_top_k: int = Field(5, ge=1, description="Chunks retrieved per chat request, unless the request says.")
+    rag_mode: Literal["hybrid", "dense", "keyword"] = Field("hybrid", description="Search mode for chat retrieval.")
+    rag_query_turns: int = Field(
+        1, ge=1, description="Latest user turns joined into the retrieval query (1: the last user message only)."
+    )
+    rag_system_template: str = Field(
+        DEFAULT_SYSTEM_TEMPLATE, description="System prompt around the sources block; must contain {sources}."
+    )
+
+    @field_validator("rag_system_template")
+    @classmethod
+    def _check_template(cls, value: str) -> str:
+        return check_template(value)  # InvalidTemplate is a ValueError: pydantic reports it
 
     @field_validator("engine_urls", mode="before")
     @classmethod

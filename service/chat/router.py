@@ -21,7 +21,7 @@ async def create_chat_completion(
     request: ChatCompletionRequest, chat: Annotated[ChatService, Depends(get_chat)]
 ) -> JSONResponse | StreamingResponse:
     """Create a chat completion (OpenAI-compatible); `stream: true` answers with server-sent events."""
-    body = chat.admit(request)
+    admission = await chat.admit(request)
     if request.stream:
-        return StreamingResponse(await chat.open_stream(body), media_type="text/event-stream")
-    return JSONResponse(await chat.complete(body))
+        return StreamingResponse(await chat.open_stream(admission), media_type="text/event-stream")
+    return JSONResponse(await chat.complete(admission))

@@ -14,12 +14,24 @@ class ChatMessage(BaseModel):
     # A string, or OpenAI content parts ([{"type": "text", "text": ...}]); None only with tool calls.
     content: str | list[dict[str, Any]] | None = None
 
-    def text_length(self) -> int:
+    def text(self) -> str:
         if isinstance(self.content, str):
-            return len(self.content)
+            return self.content
         if isinstance(self.content, list):
-            return sum(len(str(part.get("text", ""))) for part in self.content)
-        return 0
+            return "\n".join(str(part.get("text", "")) for part in self.content if part.get("type") == "text")
+        return ""
+
+
+class RagOptions(BaseModel):
+    """lorag's extension: retrieval from a knowledge collection into the prompt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    collection: str | None = Field(None, description="Collection to search; default: LORAG_RAG_COLLECTION.")
+    top_k: int | None = Field(None, ge=1, description="Chunks to retrieve; default: LORAG_RAG_TOP_K.")
+    filter: dict[str, Any] | None = Field(None, description="Metadata filter, as in the search API.")
+    mode: Literal["hybrid", "dense", "keyword"] | None = Field(None, description="Search mode; default: LORAG_RAG_MODE.")
+    enabled: bool = Field(True, description="false turns retrieval off for this request.")
 
 
 class ChatCompletionRequest(BaseModel):
@@ -38,6 +50,19 @@ class ChatCompletionRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1, description="Output token cap; defaults to the service's limit.")
     max_completion_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(None, ge=1)
+    rag: RagOptions | None = Field(
+        None, description="Retrieval (lorag extension). Absent: retrieval only if LORAG_RAG_COLLECTION is set."
+    )
+
+
+class Citation(BaseModel):
+    index: int = Field(description="The [n] the sources block gave this chunk.")
+    doc_id: str
+    version: int
+    chunk_id: str
+    chunk: int
+    score: float
+    snippet: str
 
 
 class ChatChoice(BaseModel):
@@ -49,9 +74,15 @@ class ChatChoice(BaseModel):
 class ChatCompletion(BaseModel):
     """Response of a non-streaming request; a streaming one sends `chat.completion.chunk` SSE events."""
 
+    model_config = ConfigDict(extra="allow")
+
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
     model: str
     choices: list[ChatChoice]
     usage: dict[str, Any] | None = None
+    citations: list[Citation] | None = Field(
+        None, description="Sources placed in the prompt (with retrieval); streamed in one chunk before [DONE]."
+    )
+    rag: dict[str, Any] | None = Field(None, description="Retrieval summary: collection, sources used and dropped, timings.")

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
+from service.chat.retrieval import Grounding, Retrieval
 from service.chat.schemas import ChatCompletionRequest
 from service.engine.pool import Engine, EnginePool
 from service.errors import EngineError, EngineRejected, EngineUnavailable, LimitExceeded, LoragError, envelope
@@ -20,15 +22,31 @@ log = logging.getLogger("lorag.chat")
 _DONE = b"data: [DONE]\n\n"
 
 
+@dataclass(frozen=True)
+class Admission:
+    """A request that passed the limits: the body for the engine and, with retrieval, its grounding."""
+
+    body: dict[str, Any]
+    grounding: Grounding | None = None
+
+
 class ChatService:
-    def __init__(self, settings: Settings, engines: EnginePool, catalog: ModelCatalog, http: httpx.AsyncClient):
+    def __init__(
+        self,
+        settings: Settings,
+        engines: EnginePool,
+        catalog: ModelCatalog,
+        http: httpx.AsyncClient,
+        retrieval: Retrieval,
+    ):
         self._settings = settings
         self._engines = engines
         self._catalog = catalog
         self._http = http
+        self._retrieval = retrieval
 
-    def admit(self, request: ChatCompletionRequest) -> dict[str, Any]:
-        """Check the request against the limits and build the body the engine gets."""
+    async def admit(self, request: ChatCompletionRequest) -> Admission:
+        """Check the request against the limits, retrieve if asked, and build the body the engine gets."""
         s = self._settings
         if len(request.messages) > s.max_messages:
             raise LimitExceeded(
@@ -37,9 +55,9 @@ class ChatService:
                 param="messages",
             )
         for i, message in enumerate(request.messages):
-            if message.text_length() > s.max_message_chars:
+            if len(message.text()) > s.max_message_chars:
                 raise LimitExceeded(
-                    f"message {i} has {message.text_length()} characters, more than the limit of "
+                    f"message {i} has {len(message.text())} characters, more than the limit of "
                     f"{s.max_message_chars}; shorten it (LORAG_MAX_MESSAGE_CHARS)",
                     param=f"messages.{i}.content",
                 )
@@ -53,26 +71,35 @@ class ChatService:
         if request.n is not None and request.n > s.max_n:
             raise LimitExceeded(f"n={request.n} is more than the limit of {s.max_n} (LORAG_MAX_N)", param="n")
 
-        body = request.model_dump(exclude_unset=True)
+        body = request.model_dump(exclude_unset=True, exclude={"rag"})
         body["model"] = self._catalog.resolve(request.model)
         if request.max_tokens is None and request.max_completion_tokens is None:
             body["max_tokens"] = s.max_tokens
-        return body
+        if not self._retrieval.wanted(request):
+            return Admission(body)
+        max_tokens = body.get("max_completion_tokens") or body["max_tokens"]
+        grounding = await self._retrieval.ground(request, max_tokens)
+        body["messages"] = grounding.messages
+        return Admission(body, grounding)
 
-    async def complete(self, body: dict[str, Any]) -> dict[str, Any]:
-        response = await self._send(body, stream=False)
+    async def complete(self, admission: Admission) -> dict[str, Any]:
+        response = await self._send(admission.body, stream=False)
         try:
             await response.aread()
         except httpx.HTTPError as exc:
             raise EngineError(f"the engine broke off the response: {exc}") from exc
         finally:
             await response.aclose()
-        return response.json()
+        answer = response.json()
+        if admission.grounding is not None:
+            answer["citations"] = admission.grounding.citations
+            answer["rag"] = admission.grounding.summary
+        return answer
 
-    async def open_stream(self, body: dict[str, Any]) -> AsyncIterator[bytes]:
+    async def open_stream(self, admission: Admission) -> AsyncIterator[bytes]:
         """Start the engine's stream; errors before the first byte still become a plain HTTP error."""
-        response = await self._send(body, stream=True)
-        return self._relay(response)
+        response = await self._send(admission.body, stream=True)
+        return self._relay(response, admission.grounding)
 
     async def _send(self, body: dict[str, Any], stream: bool) -> httpx.Response:
         engine = self._engines.pick()
@@ -92,10 +119,14 @@ class ChatService:
             raise _engine_failure(engine, response)
         return response
 
-    async def _relay(self, response: httpx.Response) -> AsyncIterator[bytes]:
-        """Re-emit the engine's SSE events whole; a broken stream ends with an error event and [DONE]."""
+    async def _relay(self, response: httpx.Response, grounding: Grounding | None) -> AsyncIterator[bytes]:
+        """Re-emit the engine's SSE events whole; a broken stream ends with an error event and [DONE].
+
+        With retrieval, one more chunk (no choices; `citations` and `rag`) goes just before [DONE].
+        """
         event: list[str] = []
         done = False
+        head: dict[str, Any] | None = None  # id, created, model of the stream, for the citations chunk
         try:
             async for line in response.aiter_lines():
                 if line:
@@ -107,9 +138,16 @@ class ChatService:
                 if frame == "data: [DONE]":
                     done = True
                     break
+                if head is None and grounding is not None and frame.startswith("data: {"):
+                    first = json.loads(frame[len("data: "):])
+                    head = {k: first.get(k) for k in ("id", "created", "model")}
                 yield f"{frame}\n\n".encode()
             if not done:
                 raise EngineError("the engine ended the stream before it was complete")
+            if grounding is not None:
+                chunk = {**(head or {}), "object": "chat.completion.chunk", "choices": [],
+                         "citations": grounding.citations, "rag": grounding.summary}
+                yield f"data: {json.dumps(chunk)}\n\n".encode()
         except (httpx.HTTPError, LoragError) as exc:
             message = exc.message if isinstance(exc, LoragError) else f"the engine stream broke: {exc!r}"
             log.warning("stream aborted: %s", message)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from knowledge import KnowledgeSettings
 from service.engine.launcher import launch_spec
 from service.settings import Settings
 
@@ -12,7 +13,8 @@ README = Path(__file__).resolve().parents[2] / "README.md"
 
 def test_every_setting_is_documented_in_the_readme():
     readme = README.read_text()
-    missing = [f"LORAG_{name.upper()}" for name in Settings.model_fields if f"`LORAG_{name.upper()}`" not in readme]
+    names = [*Settings.model_fields, *KnowledgeSettings.model_fields]
+    missing = [f"LORAG_{name.upper()}" for name in names if f"`LORAG_{name.upper()}`" not in readme]
     assert not missing, f"README lacks {missing}"
 
 

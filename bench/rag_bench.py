@@ -1,0 +1,153 @@
+"""Chat with retrieval through lorag against the same final prompts sent straight to vLLM.
+
+    .venv/bin/python -m bench.rag_bench [--requests 128] [--concurrency 32] [--out bench/results/rag.json]
+
+One run starts one `lorag serve` (embedded vLLM, the demo model), fills a collection,
+then alternates two phases at the same concurrency, twice each (A B A B):
+  lorag:  POST /v1/chat/completions with `rag` (query embedding, hybrid search, prompt assembly);
+  direct: the exact prompt tokens vLLM received in the lorag phase (read back with
+          `return_token_ids`), sent to vLLM's own /v1/completions.
+Every request generates the same number of tokens (ignore_eos), so the engine's work is equal.
+Reported: throughput ratio (output tokens/s, lorag over direct), added latency p50/p99, and
+the per-request time lorag spent embedding, searching and building the prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.knowledge_bench import percentile
+from tests.gateway import Gateway
+from training.demo.base import build_base
+from training.demo.corpus import corpus
+
+MODEL = "lorag-demo"
+
+
+async def run_phase(url: str, bodies: list[dict], concurrency: int, path: str) -> tuple[float, list[float], list[dict]]:
+    """(wall seconds, per-request latencies in ms, responses) for `bodies` sent with `concurrency` in flight."""
+    gate = asyncio.Semaphore(concurrency)
+    latencies: list[float] = [0.0] * len(bodies)
+    answers: list[dict] = [{}] * len(bodies)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency * 2)) as http:
+        async def one(i: int, body: dict) -> None:
+            async with gate:
+                started = time.perf_counter()
+                response = await http.post(path, json=body)
+                latencies[i] = (time.perf_counter() - started) * 1000
+                response.raise_for_status()
+                answers[i] = response.json()
+
+        started = time.perf_counter()
+        await asyncio.gather(*(one(i, b) for i, b in enumerate(bodies)))
+        return time.perf_counter() - started, latencies, answers
+
+
+def summarize(wall: float, latencies: list[float], tokens: int) -> dict:
+    return {
+        "wall_s": round(wall, 2),
+        "output_tokens_per_s": round(tokens / wall, 1),
+        "latency_p50_ms": round(percentile(latencies, 50), 1),
+        "latency_p99_ms": round(percentile(latencies, 99), 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=128)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--documents", type=int, default=300)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/rag.json"))
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        home = Path(tmp)
+        model = build_base(home / "models" / "demo-base", variant="demo", seed=0)
+        gw = Gateway(model, home, env={"LORAG_MODEL_NAME": MODEL, "LORAG_LOG_LEVEL": "warning"}).start()
+        try:
+            print(f"engine ready after {gw.wait_ready():.0f} s", flush=True)
+            results = bench(gw, args)
+        finally:
+            gw.stop()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(json.dumps(results["summary"], indent=2), f"→ {args.out}")
+
+
+def bench(gw: Gateway, args: argparse.Namespace) -> dict:
+    lines = corpus(5, args.documents * 6)
+    docs = "\n".join(
+        json.dumps({"id": f"notice-{i}", "text": " ".join(lines[i * 6:(i + 1) * 6])}) for i in range(args.documents)
+    )
+    httpx.post(f"{gw.url}/v1/collections", json={"name": "bench"}).raise_for_status()
+    httpx.post(f"{gw.url}/v1/collections/bench/documents/bulk", content=docs, timeout=600).raise_for_status()
+
+    questions = [q for q in corpus(11, args.requests * 4) if q.endswith("?")][: args.requests]
+    lorag_bodies = [
+        {"model": MODEL, "messages": [{"role": "user", "content": q}], "max_tokens": args.max_tokens,
+         "ignore_eos": True, "return_token_ids": True, "rag": {"collection": "bench", "top_k": 4}}
+        for q in questions
+    ]
+    engine = gw.engine_url()
+
+    # Warm-up, and the final prompts lorag built, read back from vLLM.
+    _, _, answers = asyncio.run(run_phase(gw.url, lorag_bodies, args.concurrency, "/v1/chat/completions"))
+    direct_bodies = [
+        {"model": MODEL, "prompt": a["prompt_token_ids"], "max_tokens": args.max_tokens, "ignore_eos": True}
+        for a in answers
+    ]
+    asyncio.run(run_phase(engine, direct_bodies, args.concurrency, "/v1/completions"))
+
+    phases: dict[str, list[dict]] = {"lorag": [], "direct": []}
+    timings: list[dict] = []
+    all_latencies: dict[str, list[float]] = {"lorag": [], "direct": []}
+    tokens = args.requests * args.max_tokens
+    for _ in range(2):
+        wall, lat, answers = asyncio.run(run_phase(gw.url, lorag_bodies, args.concurrency, "/v1/chat/completions"))
+        assert all(a["usage"]["completion_tokens"] == args.max_tokens for a in answers)
+        assert all(a["citations"] for a in answers)
+        phases["lorag"].append(summarize(wall, lat, tokens))
+        all_latencies["lorag"] += lat
+        timings += [a["rag"]["timings_ms"] for a in answers]
+        wall, lat, answers = asyncio.run(run_phase(engine, direct_bodies, args.concurrency, "/v1/completions"))
+        assert all(a["usage"]["completion_tokens"] == args.max_tokens for a in answers)
+        phases["direct"].append(summarize(wall, lat, tokens))
+        all_latencies["direct"] += lat
+
+    lorag_tps = statistics.fmean(p["output_tokens_per_s"] for p in phases["lorag"])
+    direct_tps = statistics.fmean(p["output_tokens_per_s"] for p in phases["direct"])
+    summary = {
+        "throughput_ratio": round(lorag_tps / direct_tps, 3),
+        "lorag_output_tokens_per_s": round(lorag_tps, 1),
+        "direct_output_tokens_per_s": round(direct_tps, 1),
+        "added_latency_p50_ms": round(percentile(all_latencies["lorag"], 50) - percentile(all_latencies["direct"], 50), 1),
+        "added_latency_p99_ms": round(percentile(all_latencies["lorag"], 99) - percentile(all_latencies["direct"], 99), 1),
+        "retrieval_ms_p50": {k: round(percentile([t[k] for t in timings], 50), 2) for k in ("embed", "search", "prompt")},
+        "retrieval_ms_p99": {k: round(percentile([t[k] for t in timings], 99), 2) for k in ("embed", "search", "prompt")},
+    }
+    summary["targets"] = {
+        "throughput_ratio >= 0.90": summary["throughput_ratio"] >= 0.90,
+        "added p50 latency < 30 ms": summary["added_latency_p50_ms"] < 30,
+    }
+    return {
+        "benchmark": "rag",
+        "requests_per_phase": args.requests,
+        "concurrency": args.concurrency,
+        "max_tokens": args.max_tokens,
+        "documents": args.documents,
+        "phases": phases,
+        "summary": summary,
+    }
+
+
+if __name__ == "__main__":
+    main()

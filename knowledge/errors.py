@@ -1,0 +1,53 @@
+"""Errors the knowledge base raises for things a caller did; each message says what to fix.
+
+The service maps them to its error envelope (not-found errors to 404, conflicts to 409, the
+rest to 400); anything else escaping this package is a fault of ours or of a backing store.
+"""
+
+from __future__ import annotations
+
+
+class KnowledgeError(Exception):
+    """Base of every caller-facing knowledge error."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class CollectionNotFound(KnowledgeError):
+    def __init__(self, name: str):
+        super().__init__(f"collection {name!r} does not exist; create it first or check the name")
+        self.name = name
+
+
+class CollectionExists(KnowledgeError):
+    def __init__(self, name: str):
+        super().__init__(f"collection {name!r} already exists; pick another name or delete it first")
+        self.name = name
+
+
+class InvalidCollectionName(KnowledgeError):
+    def __init__(self, name: object, why: str):
+        super().__init__(f"invalid collection name {name!r}: {why}")
+        self.name = name
+        self.why = why
+
+
+class DocumentNotFound(KnowledgeError):
+    def __init__(self, collection: str, doc_id: str):
+        super().__init__(f"document {doc_id!r} does not exist in collection {collection!r}")
+        self.collection = collection
+        self.doc_id = doc_id
+
+
+class InvalidDocument(KnowledgeError):
+    """Bad text, doc_id or metadata of a document being written."""
+
+
+class InvalidFilter(KnowledgeError):
+    """A metadata filter outside the supported subset of Chroma's `where` language."""
+
+
+class InvalidQuery(KnowledgeError):
+    """Bad search or listing arguments: empty query, top_k out of range, unknown mode, bad cursor."""

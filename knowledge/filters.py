@@ -1,0 +1,173 @@
+"""Metadata filters: a strictly checked subset of Chroma's `where` language.
+
+    {"field": value}                                  equal
+    {"field": {"$eq" | "$ne": value}}                 equal / not equal (a missing field is "not equal")
+    {"field": {"$gt" | "$gte" | "$lt" | "$lte": n}}   numeric comparison (n: int or float)
+    {"field": {"$in" | "$nin": [v, ...]}}             one of / none of (1 to 100 values of one type)
+    {"$and": [filter, ...]}, {"$or": [filter, ...]}   1 to 32 sub-filters
+    {"a": 1, "b": 2}                                  several keys: all must hold
+
+Values are strings, numbers or booleans. Numbers compare as 64-bit floats, across int and
+float (integers beyond 2**53 round), never with booleans or strings. The same checked filter
+runs in Chroma (dense search) and in SQLite (keyword search, over each chunk's copy of its
+document's metadata), with the same meaning. Chroma compares an int field with a float
+operand after truncating the operand (1 == 1.5 there), so numbers reach Chroma as floats on
+both sides: lorag writes its chunk metadata's integers as floats too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from knowledge.documents import METADATA_KEY, check_scalar
+from knowledge.errors import InvalidFilter
+
+COMPARISONS = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
+OPERATORS = ("$eq", "$ne", "$in", "$nin", *COMPARISONS)
+MAX_DEPTH = 8
+MAX_CLAUSES = 32
+MAX_VALUES = 100
+
+
+@dataclass(frozen=True)
+class Condition:
+    field: str
+    op: str
+    value: object  # a scalar, or a list of scalars for $in / $nin
+
+
+@dataclass(frozen=True)
+class Junction:
+    op: str  # "$and" | "$or"
+    parts: tuple[Condition | Junction, ...]
+
+
+Node = Condition | Junction
+
+
+class Filter:
+    """A validated filter; build it with `Filter.parse`."""
+
+    def __init__(self, root: Node):
+        self.root = root
+
+    @classmethod
+    def parse(cls, raw: object) -> Filter | None:
+        """None or {} means no filter."""
+        if raw is None or raw == {}:
+            return None
+        return cls(_parse(raw, depth=0))
+
+    def to_chroma(self) -> dict:
+        return _chroma(self.root)
+
+    def to_sql(self, column: str) -> tuple[str, list[object]]:
+        """A boolean SQL expression over the JSON object in `column`, with its parameters."""
+        params: list[object] = []
+        return _sql(self.root, column, params), params
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "bool"
+    return "str" if isinstance(value, str) else "number"
+
+
+def _parse(raw: object, depth: int) -> Node:
+    if depth > MAX_DEPTH:
+        raise InvalidFilter(f"filter is nested deeper than {MAX_DEPTH} levels; flatten it")
+    if not isinstance(raw, dict) or not raw:
+        raise InvalidFilter(f"a filter must be a non-empty object like {{\"field\": value}}, got {raw!r:.80}")
+    parts = [_clause(key, value, depth) for key, value in raw.items()]
+    return parts[0] if len(parts) == 1 else Junction("$and", tuple(parts))
+
+
+def _clause(key: object, value: object, depth: int) -> Node:
+    if key in ("$and", "$or"):
+        if not isinstance(value, list) or not 1 <= len(value) <= MAX_CLAUSES:
+            raise InvalidFilter(f"{key} takes a list of 1 to {MAX_CLAUSES} filters, got {value!r:.80}")
+        parts = tuple(_parse(part, depth + 1) for part in value)
+        return parts[0] if len(parts) == 1 else Junction(key, parts)
+    if not isinstance(key, str):
+        raise InvalidFilter(f"filter keys must be strings, got {key!r}")
+    if key.startswith("$"):
+        raise InvalidFilter(f"unknown operator {key!r} at the top of a filter; use $and or $or, or a field name")
+    if key.startswith("_"):
+        raise InvalidFilter(f"field {key!r} starts with '_', which is reserved for lorag; filter on your own fields")
+    if not METADATA_KEY.fullmatch(key):
+        raise InvalidFilter(f"{key!r:.80} is not a valid metadata field name")
+    if not isinstance(value, dict):
+        return Condition(key, "$eq", _operand(key, "$eq", value))
+    if len(value) != 1:
+        raise InvalidFilter(f"the condition on {key!r} must have exactly one operator, got {list(value)!r:.80}")
+    ((op, operand),) = value.items()
+    if op not in OPERATORS:
+        raise InvalidFilter(f"unknown operator {op!r} on {key!r}; supported: {', '.join(OPERATORS)}")
+    return Condition(key, op, _operand(key, op, operand))
+
+
+def _operand(field: str, op: str, value: object) -> object:
+    if op in ("$in", "$nin"):
+        if not isinstance(value, list) or not 1 <= len(value) <= MAX_VALUES:
+            raise InvalidFilter(f"{op} on {field!r} takes a list of 1 to {MAX_VALUES} values, got {value!r:.80}")
+        for item in value:
+            _scalar(field, op, item)
+        if len({_kind(item) for item in value}) > 1:
+            raise InvalidFilter(f"{op} on {field!r} mixes value types; use only strings, only numbers or only booleans")
+        return list(value)
+    _scalar(field, op, value)
+    if op in COMPARISONS and _kind(value) != "number":
+        raise InvalidFilter(f"{op} on {field!r} compares numbers only, got {value!r:.80}")
+    return value
+
+
+def _scalar(field: str, op: str, value: object) -> None:
+    if isinstance(value, list):
+        raise InvalidFilter(f"{op} on {field!r} takes one value; use $in to match any of several")
+    if not check_scalar(value):
+        raise InvalidFilter(
+            f"{op} on {field!r} takes a string, a finite number or a boolean, got {value!r:.80} "
+            "(null and nested values are not supported)"
+        )
+
+
+def as_float(value: object) -> object:
+    """Numbers as floats (see the module docstring); other values unchanged."""
+    return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else value
+
+
+def _chroma(node: Node) -> dict:
+    if isinstance(node, Junction):
+        return {node.op: [_chroma(part) for part in node.parts]}
+    value = [as_float(v) for v in node.value] if isinstance(node.value, list) else as_float(node.value)
+    return {node.field: {node.op: value}}
+
+
+def _sql(node: Node, column: str, params: list[object]) -> str:
+    if isinstance(node, Junction):
+        joiner = " AND " if node.op == "$and" else " OR "
+        return "(" + joiner.join(_sql(part, column, params) for part in node.parts) + ")"
+    path = f'$."{node.field}"'
+    if node.op in COMPARISONS:
+        params.extend([path, path, float(node.value)])
+        return (
+            f"(IFNULL(json_type({column}, ?), '') IN ('integer', 'real')"
+            f" AND CAST(json_extract({column}, ?) AS REAL) {COMPARISONS[node.op]} ?)"
+        )
+    values = node.value if isinstance(node.value, list) else [node.value]
+    matches = "(" + " OR ".join(_equals(column, path, value, params) for value in values) + ")"
+    return matches if node.op in ("$eq", "$in") else f"(NOT {matches})"
+
+
+def _equals(column: str, path: str, value: object, params: list[object]) -> str:
+    # json_type is NULL for a missing field; IFNULL keeps every test 0 or 1, so that NOT reads
+    # "missing or different", as in Chroma.
+    kind = f"IFNULL(json_type({column}, ?), '')"
+    if isinstance(value, bool):
+        params.append(path)
+        return f"({kind} = '{'true' if value else 'false'}')"
+    if isinstance(value, str):
+        params.extend([path, path, value])
+        return f"({kind} = 'text' AND json_extract({column}, ?) = ?)"
+    params.extend([path, path, float(value)])
+    return f"({kind} IN ('integer', 'real') AND CAST(json_extract({column}, ?) AS REAL) = ?)"

@@ -1,0 +1,81 @@
+"""Text out of uploaded files: .txt, .md, .html and .pdf."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+from pathlib import PurePath
+
+from knowledge.errors import InvalidDocument
+
+SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf")
+
+# A text file with more control characters than this share is binary, whatever its name says.
+_MAX_CONTROL_SHARE = 0.01
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+class UnsupportedFile(InvalidDocument):
+    """The file's type is not one lorag can read."""
+
+
+class UnreadableFile(InvalidDocument):
+    """The file's bytes are not what its name says (binary garbage, a broken PDF, no text)."""
+
+
+def extract_text(filename: str, data: bytes) -> str:
+    suffix = PurePath(filename).suffix.lower()
+    if suffix not in SUPPORTED_SUFFIXES:
+        raise UnsupportedFile(
+            f"{filename}: unsupported file type {suffix or '(none)'}; send one of {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    if suffix == ".pdf":
+        text = _pdf_text(filename, data)
+    else:
+        text = _decode(filename, data)
+        if suffix in (".html", ".htm"):
+            text = _html_text(text)
+    if not text.strip():
+        raise UnreadableFile(f"{filename}: no text found in the file")
+    return text
+
+
+def _decode(filename: str, data: bytes) -> str:
+    # Judge binary-ness on the bytes first: garbage is rarely valid UTF-8 either, and
+    # "binary" is the more useful of the two messages for it.
+    if data and len(_CONTROL.findall(data.decode("latin-1"))) > _MAX_CONTROL_SHARE * len(data):
+        raise UnreadableFile(f"{filename}: looks like binary data, not text")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UnreadableFile(
+            f"{filename}: not UTF-8 text (invalid byte at offset {exc.start}); convert it to UTF-8"
+        ) from None
+
+
+def _html_text(html: str) -> str:
+    from bs4 import BeautifulSoup
+
+    soup = BeautifulSoup(html, "html.parser")
+    for tag in soup(["script", "style", "noscript", "template"]):
+        tag.decompose()
+    lines = (line.strip() for line in soup.get_text("\n").splitlines())
+    return "\n".join(line for line in lines if line)
+
+
+def _pdf_text(filename: str, data: bytes) -> str:
+    from pypdf import PdfReader
+    from pypdf.errors import PyPdfError
+
+    # pypdf logs every repair it attempts on a damaged file; the caller gets one clear error instead.
+    logging.getLogger("pypdf").setLevel(logging.ERROR)
+    try:
+        reader = PdfReader(io.BytesIO(data), strict=False)
+        pages = [page.extract_text() or "" for page in reader.pages]
+    except (PyPdfError, ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
+        raise UnreadableFile(f"{filename}: not a readable PDF ({exc.__class__.__name__}: {exc})") from None
+    text = "\n\n".join(page.strip() for page in pages if page.strip())
+    if not text:
+        raise UnreadableFile(f"{filename}: the PDF has no extractable text (a scan needs OCR first)")
+    return text

@@ -1,0 +1,371 @@
+"""The SQLite side: collections, documents (the source of truth for active versions), the
+chunks of active versions with a per-collection FTS5 index for BM25, and write intents.
+
+One writer connection behind a lock (SQLite allows one writer anyway); readers take
+connections from a small pool so that, in WAL mode, searches never wait for a write.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import uuid
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from knowledge.chunking import Chunk
+from knowledge.documents import Metadata, canonical_json
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS collections (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: names the Chroma collection and FTS table
+    name TEXT NOT NULL UNIQUE,
+    chroma_name TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS documents (
+    collection_id INTEGER NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
+    doc_id TEXT NOT NULL,
+    version INTEGER NOT NULL,  -- the active version
+    content_hash TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    text TEXT NOT NULL,
+    chunks INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (collection_id, doc_id)
+);
+-- Chunks of active versions, plus for a moment the previous version's (until no search
+-- that may still accept it is running). metadata: the document's, for keyword filters.
+CREATE TABLE IF NOT EXISTS chunks (
+    id INTEGER PRIMARY KEY,
+    collection_id INTEGER NOT NULL,
+    doc_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    idx INTEGER NOT NULL,
+    start INTEGER NOT NULL,
+    "end" INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    metadata TEXT NOT NULL,
+    UNIQUE (collection_id, doc_id, version, idx)
+);
+-- A document write under way: written before its chunks reach Chroma, removed once the
+-- old version is gone. Left-over rows after a crash name the only documents to repair.
+CREATE TABLE IF NOT EXISTS intents (
+    collection_id INTEGER NOT NULL,
+    doc_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (collection_id, doc_id)
+);
+"""
+
+READERS_KEPT = 8
+
+
+@dataclass(frozen=True)
+class CollectionRow:
+    id: int
+    name: str
+    chroma_name: str
+    metadata: Metadata
+    created_at: float
+
+
+@dataclass(frozen=True)
+class DocumentRow:
+    doc_id: str
+    version: int
+    content_hash: str
+    metadata: Metadata
+    chunks: int
+    created_at: float
+    updated_at: float
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class ChunkRow:
+    doc_id: str
+    version: int
+    index: int
+    start: int
+    end: int
+    text: str
+    metadata: Metadata
+
+
+@dataclass(frozen=True)
+class Publication:
+    """A new active version of one document, ready to flip in."""
+
+    doc_id: str
+    version: int
+    content_hash: str
+    metadata: Metadata
+    text: str
+    chunks: Sequence[Chunk]
+
+
+def fts_table(collection_id: int) -> str:
+    return f"fts_{int(collection_id)}"
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute("PRAGMA busy_timeout = 30000")
+    return conn
+
+
+class RecordStore:
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._path = path
+        self._writer = _connect(path)
+        self._writer.execute("PRAGMA journal_mode = WAL")
+        # FULL: a write that returned survives power loss too, not only a killed process.
+        self._writer.execute("PRAGMA synchronous = FULL")
+        self._writer.execute("PRAGMA foreign_keys = ON")
+        self._write_lock = threading.Lock()
+        self._readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        with self._write_lock:
+            # executescript commits whatever is open first, so it runs outside transaction().
+            self._writer.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+        with self.transaction() as tx:
+            row = tx.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()
+            if row is None:
+                # Names this store's Chroma collections, so that several stores can share one
+                # Chroma server without touching each other's collections.
+                row = (uuid.uuid4().hex[:12],)
+                tx.execute("INSERT INTO meta VALUES ('instance', ?)", row)
+        self.instance = row[0]
+
+    def close(self) -> None:
+        with self._readers_lock:
+            for conn in self._readers:
+                conn.close()
+            self._readers.clear()
+        with self._write_lock:
+            self._writer.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        with self._write_lock:
+            self._writer.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._writer
+                self._writer.execute("COMMIT")
+            except BaseException:
+                if self._writer.in_transaction:
+                    self._writer.execute("ROLLBACK")
+                raise
+
+    @contextmanager
+    def reading(self) -> Iterator[sqlite3.Connection]:
+        with self._readers_lock:
+            conn = self._readers.pop() if self._readers else None
+        if conn is None:
+            conn = _connect(self._path)
+            conn.execute("PRAGMA query_only = ON")
+        try:
+            yield conn
+        finally:
+            with self._readers_lock:
+                if len(self._readers) < READERS_KEPT:
+                    self._readers.append(conn)
+                    conn = None
+            if conn is not None:
+                conn.close()
+
+    # Collections
+
+    def collection(self, name: str, conn: sqlite3.Connection | None = None) -> CollectionRow | None:
+        sql = "SELECT id, name, chroma_name, metadata, created_at FROM collections WHERE name = ?"
+        if conn is not None:
+            row = conn.execute(sql, (name,)).fetchone()
+        else:
+            with self.reading() as reader:
+                row = reader.execute(sql, (name,)).fetchone()
+        return None if row is None else CollectionRow(row[0], row[1], row[2], json.loads(row[3]), row[4])
+
+    def collections(self) -> list[tuple[CollectionRow, int]]:
+        with self.reading() as conn:
+            rows = conn.execute(
+                "SELECT id, name, chroma_name, metadata, created_at,"
+                " (SELECT COUNT(*) FROM documents d WHERE d.collection_id = c.id)"
+                " FROM collections c ORDER BY name"
+            ).fetchall()
+        return [(CollectionRow(r[0], r[1], r[2], json.loads(r[3]), r[4]), r[5]) for r in rows]
+
+    def count_documents(self, collection_id: int) -> int:
+        with self.reading() as conn:
+            row = conn.execute("SELECT COUNT(*) FROM documents WHERE collection_id = ?", (collection_id,)).fetchone()
+        return row[0]
+
+    def insert_collection(self, tx: sqlite3.Connection, name: str, metadata: Metadata, now: float) -> CollectionRow:
+        cid = tx.execute(
+            "INSERT INTO collections (name, chroma_name, metadata, created_at) VALUES (?, '', ?, ?)",
+            (name, canonical_json(metadata), now),
+        ).lastrowid
+        chroma_name = f"lorag-{self.instance}-{cid}"
+        tx.execute("UPDATE collections SET chroma_name = ? WHERE id = ?", (chroma_name, cid))
+        tx.execute(
+            f"CREATE VIRTUAL TABLE {fts_table(cid)} USING fts5("
+            "text, content='chunks', content_rowid='id', tokenize='porter unicode61 remove_diacritics 2')"
+        )
+        return CollectionRow(cid, name, chroma_name, metadata, now)
+
+    def delete_collection(self, tx: sqlite3.Connection, collection_id: int) -> None:
+        tx.execute(f"DROP TABLE IF EXISTS {fts_table(collection_id)}")
+        for table in ("chunks", "intents", "documents"):
+            tx.execute(f"DELETE FROM {table} WHERE collection_id = ?", (collection_id,))
+        tx.execute("DELETE FROM collections WHERE id = ?", (collection_id,))
+
+    def collection_exists(self, tx: sqlite3.Connection, collection_id: int) -> bool:
+        return tx.execute("SELECT 1 FROM collections WHERE id = ?", (collection_id,)).fetchone() is not None
+
+    # Documents
+
+    def document(self, collection_id: int, doc_id: str, *, text: bool = True) -> DocumentRow | None:
+        columns = "doc_id, version, content_hash, metadata, chunks, created_at, updated_at" + (", text" if text else "")
+        with self.reading() as conn:
+            row = conn.execute(
+                f"SELECT {columns} FROM documents WHERE collection_id = ? AND doc_id = ?", (collection_id, doc_id)
+            ).fetchone()
+        return None if row is None else _document(row)
+
+    def documents_page(self, collection_id: int, limit: int, after: str | None) -> list[DocumentRow]:
+        with self.reading() as conn:
+            rows = conn.execute(
+                "SELECT doc_id, version, content_hash, metadata, chunks, created_at, updated_at FROM documents"
+                " WHERE collection_id = ? AND doc_id > ? ORDER BY doc_id LIMIT ?",
+                (collection_id, after if after is not None else "", limit),
+            ).fetchall()
+        return [_document(row) for row in rows]
+
+    def current(self, conn: sqlite3.Connection, collection_id: int, doc_ids: Iterable[str]) -> dict[str, DocumentRow]:
+        """Active version, hash and chunk count of each listed document that exists."""
+        found = {}
+        for doc_id in doc_ids:
+            row = conn.execute(
+                "SELECT doc_id, version, content_hash, metadata, chunks, created_at, updated_at FROM documents"
+                " WHERE collection_id = ? AND doc_id = ?",
+                (collection_id, doc_id),
+            ).fetchone()
+            if row is not None:
+                found[doc_id] = _document(row)
+        return found
+
+    def active_versions(self) -> dict[int, dict[str, int]]:
+        active: dict[int, dict[str, int]] = {}
+        with self.reading() as conn:
+            for (cid,) in conn.execute("SELECT id FROM collections"):
+                active[cid] = {}
+            for cid, doc_id, version in conn.execute("SELECT collection_id, doc_id, version FROM documents"):
+                active[cid][doc_id] = version
+        return active
+
+    def publish(self, tx: sqlite3.Connection, collection_id: int, docs: Sequence[Publication], now: float) -> None:
+        """Make each document's new version the active one (its chunks already in Chroma)."""
+        fts = fts_table(collection_id)
+        for doc in docs:
+            meta = canonical_json(doc.metadata)
+            tx.execute(
+                "INSERT INTO documents (collection_id, doc_id, version, content_hash, metadata, text, chunks,"
+                " created_at, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (collection_id, doc_id) DO UPDATE SET version = excluded.version,"
+                " content_hash = excluded.content_hash, metadata = excluded.metadata, text = excluded.text,"
+                " chunks = excluded.chunks, updated_at = excluded.updated_at",
+                (collection_id, doc.doc_id, doc.version, doc.content_hash, meta, doc.text, len(doc.chunks), now, now),
+            )
+            tx.executemany(
+                'INSERT INTO chunks (collection_id, doc_id, version, idx, start, "end", text, metadata)'
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                [(collection_id, doc.doc_id, doc.version, c.index, c.start, c.end, c.text, meta) for c in doc.chunks],
+            )
+            tx.execute(
+                f"INSERT INTO {fts} (rowid, text) SELECT id, text FROM chunks"
+                " WHERE collection_id = ? AND doc_id = ? AND version = ?",
+                (collection_id, doc.doc_id, doc.version),
+            )
+
+    def remove_document(self, tx: sqlite3.Connection, collection_id: int, doc_id: str) -> None:
+        tx.execute("DELETE FROM documents WHERE collection_id = ? AND doc_id = ?", (collection_id, doc_id))
+
+    def drop_chunks(self, tx: sqlite3.Connection, collection_id: int, doc_id: str, keep_version: int | None) -> None:
+        """Delete the document's chunk rows (and their FTS entries) except those of `keep_version`."""
+        keep = -1 if keep_version is None else keep_version
+        where = "collection_id = ? AND doc_id = ? AND version != ?"
+        params = (collection_id, doc_id, keep)
+        fts = fts_table(collection_id)
+        # External-content FTS5 forgets a row only when told its exact old text.
+        tx.execute(
+            f"INSERT INTO {fts} ({fts}, rowid, text) SELECT 'delete', id, text FROM chunks WHERE {where}", params
+        )
+        tx.execute(f"DELETE FROM chunks WHERE {where}", params)
+
+    # Intents
+
+    def add_intents(self, tx: sqlite3.Connection, collection_id: int, doc_ids: Iterable[str], now: float) -> list[str]:
+        """Record writes under way; returns the documents that already had one (a failed earlier write)."""
+        leftover = []
+        for doc_id in doc_ids:
+            cursor = tx.execute(
+                "INSERT INTO intents VALUES (?, ?, ?) ON CONFLICT DO NOTHING", (collection_id, doc_id, now)
+            )
+            if cursor.rowcount == 0:
+                leftover.append(doc_id)
+        return leftover
+
+    def clear_intents(self, tx: sqlite3.Connection, collection_id: int, doc_ids: Iterable[str]) -> None:
+        tx.executemany(
+            "DELETE FROM intents WHERE collection_id = ? AND doc_id = ?", [(collection_id, d) for d in doc_ids]
+        )
+
+    def intents(self) -> list[tuple[CollectionRow, str]]:
+        with self.reading() as conn:
+            rows = conn.execute(
+                "SELECT c.id, c.name, c.chroma_name, c.metadata, c.created_at, i.doc_id"
+                " FROM intents i JOIN collections c ON c.id = i.collection_id"
+            ).fetchall()
+        return [(CollectionRow(r[0], r[1], r[2], json.loads(r[3]), r[4]), r[5]) for r in rows]
+
+    # Search
+
+    def keyword(
+        self,
+        conn: sqlite3.Connection,
+        collection_id: int,
+        match: str,
+        where: str,
+        params: Sequence[object],
+        limit: int,
+    ) -> list[tuple[ChunkRow, float]]:
+        """Chunks matching the FTS5 expression `match`, best BM25 first; score: -bm25 (higher is better)."""
+        fts = fts_table(collection_id)
+        rows = conn.execute(
+            f'SELECT c.doc_id, c.version, c.idx, c.start, c."end", c.text, c.metadata, bm25({fts}) AS rank'
+            f" FROM {fts} JOIN chunks c ON c.id = {fts}.rowid"
+            f" WHERE {fts} MATCH ? AND ({where}) ORDER BY rank LIMIT ?",
+            (match, *params, limit),
+        ).fetchall()
+        return [(ChunkRow(*r[:6], json.loads(r[6])), -r[7]) for r in rows]
+
+    def chunk(
+        self, conn: sqlite3.Connection, collection_id: int, doc_id: str, version: int, idx: int
+    ) -> ChunkRow | None:
+        row = conn.execute(
+            'SELECT doc_id, version, idx, start, "end", text, metadata FROM chunks'
+            " WHERE collection_id = ? AND doc_id = ? AND version = ? AND idx = ?",
+            (collection_id, doc_id, version, idx),
+        ).fetchone()
+        return None if row is None else ChunkRow(*row[:6], json.loads(row[6]))
+
+
+def _document(row: Sequence) -> DocumentRow:
+    return DocumentRow(row[0], row[1], row[2], json.loads(row[3]), row[4], row[5], row[6], *row[7:])

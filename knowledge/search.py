@@ -1,0 +1,197 @@
+"""Search a collection: dense (Chroma), keyword (SQLite FTS5 BM25), or both fused by reciprocal rank.
+
+Every hit is checked against the version map (see versions.py), so only the version of a
+document that was active when the search started is ever returned.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from knowledge.documents import Metadata
+from knowledge.embedding import Embedder
+from knowledge.errors import InvalidQuery
+from knowledge.filters import Filter
+from knowledge.records import ChunkRow, CollectionRow, RecordStore
+from knowledge.vectors import VectorStore, chunk_id
+from knowledge.versions import Versions
+
+Mode = Literal["hybrid", "dense", "keyword"]
+MODES = ("hybrid", "dense", "keyword")
+RRF_K = 60  # reciprocal rank fusion: score = sum over lists of 1 / (RRF_K + rank)
+MAX_QUERY_CHARS = 10_000
+MAX_TERMS = 64
+MAX_FETCH = 10_000  # most candidates one list fetches while making up for hits of other versions
+# Letters and digits only: FTS5 syntax characters never reach MATCH, and "_" (a separator to
+# FTS5's tokenizer) would otherwise make empty phrases.
+TERM = re.compile(r"[^\W_]+")
+
+
+@dataclass(frozen=True)
+class Hit:
+    chunk_id: str
+    doc_id: str
+    version: int
+    index: int
+    start: int  # character offsets of the chunk in its document
+    end: int
+    text: str
+    score: float  # dense: cosine similarity; keyword: -bm25; hybrid: fused reciprocal rank
+    metadata: Metadata
+
+
+@dataclass(frozen=True)
+class SearchTimings:
+    embed_ms: float  # embedding the query (0 when the caller passed query_embedding)
+    dense_ms: float
+    keyword_ms: float
+    search_ms: float  # everything after the query embedding
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    hits: list[Hit]
+    timings: SearchTimings
+    mode: Mode
+
+
+def keyword_expression(query: str) -> str | None:
+    """The query as an FTS5 expression: each distinct term quoted, ORed. None when it has no terms."""
+    terms = list(dict.fromkeys(term.lower() for term in TERM.findall(query)))[:MAX_TERMS]
+    return " OR ".join(f'"{term}"' for term in terms) or None
+
+
+# (doc_id, version, index) → score, best first
+Ranked = list[tuple[tuple[str, int, int], float]]
+
+
+class Searcher:
+    def __init__(
+        self, records: RecordStore, vectors: VectorStore, versions: Versions, embedder: Embedder, max_top_k: int
+    ):
+        self._records = records
+        self._vectors = vectors
+        self._versions = versions
+        self._embedder = embedder
+        self._max_top_k = max_top_k
+
+    def check(self, query: object, top_k: object, mode: object, query_embedding: object) -> np.ndarray | None:
+        """Validate the arguments before any work; returns the query embedding as float32 if given."""
+        if not isinstance(query, str) or not query.strip():
+            raise InvalidQuery("query must be a non-empty string")
+        if len(query) > MAX_QUERY_CHARS:
+            raise InvalidQuery(f"query has {len(query)} characters, more than {MAX_QUERY_CHARS}; shorten it")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= self._max_top_k:
+            raise InvalidQuery(f"top_k must be an integer from 1 to {self._max_top_k}, got {top_k!r}")
+        if mode not in MODES:
+            raise InvalidQuery(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if query_embedding is None:
+            return None
+        vector = np.asarray(query_embedding, dtype=np.float32).reshape(-1)
+        if vector.shape != (self._embedder.dim,) or not np.isfinite(vector).all():
+            raise InvalidQuery(f"query_embedding must be {self._embedder.dim} finite numbers from the embedder")
+        return vector
+
+    def search(
+        self,
+        collection: CollectionRow,
+        query: str,
+        top_k: int,
+        mode: Mode,
+        where: Filter | None,
+        query_embedding: np.ndarray | None,
+    ) -> SearchResult:
+        embed_ms = 0.0
+        if mode != "keyword" and query_embedding is None:
+            started = time.perf_counter()
+            query_embedding = self._embedder.encode([query])[0]
+            embed_ms = (time.perf_counter() - started) * 1000
+        started = time.perf_counter()
+        # Each list contributes this many candidates: top_k alone, or a deeper pool to fuse.
+        want = top_k if mode != "hybrid" else max(2 * top_k, 20)
+        dense: Ranked = []
+        keyword: Ranked = []
+        dense_ms = keyword_ms = 0.0
+        with self._versions.reading() as seq, self._records.reading() as conn:
+            rows = {}
+            if mode != "keyword":
+                t = time.perf_counter()
+                dense = self._dense(seq, collection, query_embedding, want, where)
+                dense_ms = (time.perf_counter() - t) * 1000
+            if mode != "dense":
+                t = time.perf_counter()
+                keyword, rows = self._keyword(seq, collection, conn, query, want, where)
+                keyword_ms = (time.perf_counter() - t) * 1000
+            ranked = dense if mode == "dense" else keyword if mode == "keyword" else _fuse(dense, keyword)
+            hits = []
+            # Read chunk rows while still inside the snapshot: the old version's rows may go once it ends.
+            for key, score in ranked[:top_k]:
+                row = rows.get(key) or self._records.chunk(conn, collection.id, *key)
+                if row is not None:
+                    hits.append(
+                        Hit(
+                            chunk_id=chunk_id(*key), doc_id=row.doc_id, version=row.version, index=row.index,
+                            start=row.start, end=row.end, text=row.text, score=score, metadata=row.metadata,
+                        )
+                    )
+        timings = SearchTimings(embed_ms, dense_ms, keyword_ms, (time.perf_counter() - started) * 1000)
+        return SearchResult(hits, timings, mode)
+
+    def _dense(
+        self, seq: int, collection: CollectionRow, embedding: np.ndarray, want: int, where: Filter | None
+    ) -> Ranked:
+        chroma_where = where.to_chroma() if where is not None else None
+
+        def fetch(n: int) -> list[tuple[tuple[str, int, int], float]]:
+            return [
+                ((hit.doc_id, hit.version, hit.index), 1.0 - hit.distance)
+                for hit in self._vectors.query(collection.chroma_name, embedding, n, chroma_where)
+            ]
+
+        return self._accepted(seq, collection, fetch, want)
+
+    def _keyword(
+        self, seq: int, collection: CollectionRow, conn: sqlite3.Connection, query: str, want: int, where: Filter | None
+    ) -> tuple[Ranked, dict[tuple[str, int, int], ChunkRow]]:
+        expression = keyword_expression(query)
+        if expression is None:  # only punctuation: nothing to match, not an error
+            return [], {}
+        sql, params = where.to_sql("c.metadata") if where is not None else ("1", [])
+        rows: dict[tuple[str, int, int], ChunkRow] = {}
+
+        def fetch(n: int) -> list[tuple[tuple[str, int, int], float]]:
+            found = []
+            for row, score in self._records.keyword(conn, collection.id, expression, sql, params, n):
+                key = (row.doc_id, row.version, row.index)
+                rows[key] = row
+                found.append((key, score))
+            return found
+
+        return self._accepted(seq, collection, fetch, want), rows
+
+    def _accepted(self, seq: int, collection: CollectionRow, fetch: Callable[[int], Ranked], want: int) -> Ranked:
+        """The first `want` candidates of the versions visible at `seq`, fetching deeper while
+        other versions' chunks (of documents mid-rewrite) crowd them out."""
+        n = max(2 * want, 20)
+        while True:
+            found = fetch(n)
+            visible = self._versions.visible(seq, collection.id, {key[0] for key, _ in found})
+            accepted = [(key, score) for key, score in found if visible.get(key[0]) == key[1]]
+            if len(accepted) >= want or len(found) < n or n >= MAX_FETCH:
+                return accepted[:want]
+            n = min(4 * n, MAX_FETCH)
+
+
+def _fuse(*lists: Ranked) -> Ranked:
+    scores: dict[tuple[str, int, int], float] = {}
+    for ranked in lists:
+        for rank, (key, _) in enumerate(ranked, start=1):
+            scores[key] = scores.get(key, 0.0) + 1.0 / (RRF_K + rank)
+    return sorted(scores.items(), key=lambda item: item[1], reverse=True)

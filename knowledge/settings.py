@@ -1,0 +1,60 @@
+"""Knowledge settings, from `LORAG_*` variables; built by the caller and passed in."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class KnowledgeSettings(BaseSettings):
+    """Where the knowledge base keeps its data, and how it chunks and embeds documents."""
+
+    # extra="ignore": the service's own LORAG_* variables share the prefix.
+    model_config = SettingsConfigDict(env_prefix="LORAG_", extra="ignore", protected_namespaces=())
+
+    home: Path = Field(
+        Path("var"), description="Data directory: Chroma under home/chroma, the document table in home/knowledge.db."
+    )
+    chroma_url: str | None = Field(
+        None,
+        description="URL of a `chroma run` server (e.g. http://127.0.0.1:8001); unset: embedded Chroma under home.",
+    )
+    embedder_path: Path | None = Field(
+        None,
+        description="sentence-transformers model directory; unset: the packaged all-MiniLM-L6-v2 weights.",
+    )
+    embedder_device: str = Field("cpu", description="torch device the embedder runs on ('cpu', 'cuda', ...).")
+    chunk_tokens: int = Field(200, ge=8, description="Largest chunk, in embedder tokens.")
+    chunk_overlap: int = Field(40, ge=0, description="Tokens shared by consecutive chunks; below chunk_tokens.")
+    embed_batch_size: int = Field(64, ge=1, description="Texts per embedder forward pass.")
+    max_document_chars: int = Field(2_000_000, ge=1, description="Longest document text accepted, in characters.")
+    max_top_k: int = Field(100, ge=1, le=1000, description="Most hits one search may ask for.")
+
+    @field_validator("chroma_url")
+    @classmethod
+    def _check_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"chroma_url must look like http://host:port, got {value!r}")
+        return value.strip().rstrip("/")
+
+    @model_validator(mode="after")
+    def _check_overlap(self) -> KnowledgeSettings:
+        if self.chunk_overlap >= self.chunk_tokens:
+            raise ValueError(
+                f"chunk_overlap ({self.chunk_overlap}) must be smaller than chunk_tokens ({self.chunk_tokens})"
+            )
+        return self
+
+    @property
+    def chroma_path(self) -> Path:
+        return self.home / "chroma"
+
+    @property
+    def database_path(self) -> Path:
+        return self.home / "knowledge.db"

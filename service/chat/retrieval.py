@@ -1,0 +1,101 @@
+"""Retrieval for chat: search the knowledge base for the latest user turn(s) and ground the prompt.
+
+The sources block is assembled by knowledge.prompting with the served model's own
+tokenizer, so the budget is counted in the tokens the engine will see.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from anyio import to_thread
+
+from knowledge import KnowledgeBase
+from knowledge.prompting import PromptBuilder
+from service.chat.schemas import ChatCompletionRequest
+from service.errors import EngineUnavailable, InvalidRequest
+from service.settings import Settings
+
+log = logging.getLogger("lorag.chat")
+
+
+@dataclass(frozen=True)
+class Grounding:
+    messages: list[dict[str, Any]]
+    citations: list[dict[str, Any]]
+    summary: dict[str, Any]  # collection, sources used/dropped, timings: returned as the response's `rag`
+
+
+class Retrieval:
+    def __init__(self, kb: KnowledgeBase, builder: PromptBuilder | None, settings: Settings):
+        self._kb = kb
+        self._builder = builder
+        self._settings = settings
+
+    def wanted(self, request: ChatCompletionRequest) -> bool:
+        if request.rag is not None:
+            return request.rag.enabled
+        return self._settings.rag_collection is not None
+
+    async def ground(self, request: ChatCompletionRequest, max_tokens: int) -> Grounding:
+        s, rag = self._settings, request.rag
+        collection = (rag.collection if rag else None) or s.rag_collection
+        if collection is None:
+            raise InvalidRequest(
+                "retrieval needs a collection: pass rag.collection, or set LORAG_RAG_COLLECTION", param="rag.collection"
+            )
+        if self._builder is None:
+            raise EngineUnavailable(
+                "retrieval needs the served model's tokenizer to fit sources in its context, and none could be "
+                f"loaded from {s.model_path}: set LORAG_MODEL to a local copy of the model (or of its tokenizer)"
+            )
+        users = [m for m in request.messages if m.role == "user"]
+        query = "\n".join(m.text() for m in users[-s.rag_query_turns:]).strip()
+        if not query:
+            raise InvalidRequest("retrieval needs a user message with text to search for", param="messages")
+        messages = [m.model_dump(exclude_unset=True) for m in request.messages]
+        top_k = (rag.top_k if rag else None) or s.rag_top_k
+        mode = (rag.mode if rag else None) or s.rag_mode
+        filter_ = rag.filter if rag else None
+
+        def run() -> Grounding:
+            # Search and prompt assembly together, in one worker thread: both are CPU work.
+            result = self._kb.search(collection, query, top_k=top_k, mode=mode, filter=filter_)
+            started = time.perf_counter()
+            prompt = self._builder.build(messages, result.hits, max_tokens)
+            prompt_ms = (time.perf_counter() - started) * 1000
+            citations = [
+                {"index": src.index, "doc_id": src.doc_id, "version": src.version, "chunk_id": src.chunk_id,
+                 "chunk": src.chunk, "score": src.score, "snippet": src.snippet}
+                for src in prompt.sources
+            ]
+            summary = {
+                "collection": collection,
+                "mode": mode,
+                "sources": len(prompt.sources),
+                "dropped": len(prompt.dropped),
+                "prompt_tokens": prompt.prompt_tokens,
+                "timings_ms": {
+                    "embed": round(result.timings.embed_ms, 3),
+                    "search": round(result.timings.search_ms, 3),
+                    "prompt": round(prompt_ms, 3),
+                },
+            }
+            return Grounding(prompt.messages, citations, summary)
+
+        return await to_thread.run_sync(run)
+
+
+def load_builder(settings: Settings) -> PromptBuilder | None:
+    """The prompt builder with the served model's tokenizer; None (logged) when it cannot be loaded."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(settings.model_path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        log.warning("no tokenizer at %s (%s): chat retrieval is unavailable", settings.model_path, exc)
+        return None
+    return PromptBuilder(tokenizer, settings.engine_max_model_len, settings.rag_system_template)

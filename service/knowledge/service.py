@@ -1,0 +1,118 @@
+"""The knowledge API's logic: runs the (blocking) knowledge base off the event loop and shapes its results."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any
+
+from anyio import to_thread
+
+from knowledge import KnowledgeBase
+from knowledge.documents import DocumentInput
+from knowledge.errors import InvalidDocument
+from knowledge.parsing import extract_text
+from service.errors import InvalidRequest, LimitExceeded
+from service.settings import Settings
+
+
+class KnowledgeService:
+    def __init__(self, kb: KnowledgeBase, settings: Settings):
+        self._kb = kb
+        self._settings = settings
+
+    async def create_collection(self, name: str, metadata: dict) -> dict:
+        return asdict(await to_thread.run_sync(self._kb.create_collection, name, metadata))
+
+    async def list_collections(self) -> list[dict]:
+        return [asdict(c) for c in await to_thread.run_sync(self._kb.list_collections)]
+
+    async def get_collection(self, name: str) -> dict:
+        return asdict(await to_thread.run_sync(self._kb.get_collection, name))
+
+    async def delete_collection(self, name: str) -> None:
+        await to_thread.run_sync(self._kb.delete_collection, name)
+
+    async def put_document(self, collection: str, doc_id: str, text: str, metadata: dict) -> dict:
+        return asdict(await to_thread.run_sync(self._kb.put_document, collection, doc_id, text, metadata))
+
+    async def put_file(self, collection: str, filename: str, data: bytes, doc_id: str | None, metadata: str | None) -> dict:
+        """Extract the file's text and write it as a document (its id defaults to the file name)."""
+        meta = _metadata_form(metadata)
+        text = await to_thread.run_sync(extract_text, filename, data)
+        return await self.put_document(collection, doc_id or filename, text, meta)
+
+    async def put_bulk(self, collection: str, body: bytes) -> dict:
+        """Write JSON lines {"id", "text", "metadata"?}; a bad line fails alone and names its line number."""
+        items, results = [], []
+        lines = [(n, line) for n, line in enumerate(body.decode("utf-8", errors="replace").splitlines(), 1) if line.strip()]
+        if not lines:
+            raise InvalidRequest("the body has no JSON lines; send one document per line", code="empty_bulk")
+        if len(lines) > self._settings.max_bulk_documents:
+            raise LimitExceeded(
+                f"{len(lines)} documents is more than the limit of {self._settings.max_bulk_documents} per request; "
+                "split the upload (LORAG_MAX_BULK_DOCUMENTS)"
+            )
+        for n, line in lines:
+            try:
+                item = _bulk_item(line)
+            except InvalidDocument as exc:
+                results.append({"line": n, "status": "failed", "error": str(exc)})
+                continue
+            items.append((n, item))
+        written = await to_thread.run_sync(
+            self._kb.put_documents, collection, [DocumentInput(i["id"], i["text"], i.get("metadata")) for _, i in items]
+        )
+        for (n, item), outcome in zip(items, written):
+            if isinstance(outcome, Exception):
+                results.append({"line": n, "doc_id": item["id"], "status": "failed", "error": str(outcome)})
+            else:
+                results.append({"line": n, **asdict(outcome)})
+        results.sort(key=lambda r: r["line"])
+        summary = {s: sum(r["status"] == s for r in results) for s in ("created", "updated", "unchanged", "failed")}
+        return {"results": results, "summary": summary}
+
+    async def get_document(self, collection: str, doc_id: str) -> dict:
+        return asdict(await to_thread.run_sync(self._kb.get_document, collection, doc_id))
+
+    async def delete_document(self, collection: str, doc_id: str) -> None:
+        await to_thread.run_sync(self._kb.delete_document, collection, doc_id)
+
+    async def list_documents(self, collection: str, limit: int, after: str | None) -> dict:
+        items, cursor = await to_thread.run_sync(self._kb.list_documents, collection, limit, after)
+        return {"data": [asdict(d) for d in items], "next": cursor}
+
+    async def search(self, collection: str, query: str, top_k: int, mode: str, filter_: dict | None) -> dict:
+        result = await to_thread.run_sync(
+            lambda: self._kb.search(collection, query, top_k=top_k, mode=mode, filter=filter_)
+        )
+        return {"data": [asdict(h) for h in result.hits], "timings_ms": asdict(result.timings)}
+
+
+def _metadata_form(raw: str | None) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        meta = json.loads(raw)
+    except ValueError:
+        raise InvalidRequest("metadata must be a JSON object, e.g. {\"lang\": \"en\"}", param="metadata") from None
+    if not isinstance(meta, dict):
+        raise InvalidRequest("metadata must be a JSON object", param="metadata")
+    return meta
+
+
+def _bulk_item(line: str) -> dict:
+    try:
+        item = json.loads(line)
+    except ValueError as exc:
+        raise InvalidDocument(f"not JSON: {exc}") from None
+    if not isinstance(item, dict):
+        raise InvalidDocument("each line must be a JSON object with \"id\" and \"text\"")
+    unknown = set(item) - {"id", "text", "metadata"}
+    if unknown:
+        raise InvalidDocument(f"unknown field(s) {sorted(unknown)}; a line holds \"id\", \"text\", \"metadata\"")
+    if not isinstance(item.get("id"), str) or not isinstance(item.get("text"), str):
+        raise InvalidDocument("\"id\" and \"text\" must both be strings")
+    if not isinstance(item.get("metadata", {}), dict):
+        raise InvalidDocument("\"metadata\" must be a JSON object")
+    return item

@@ -1,0 +1,42 @@
+"""Look at what the stores hold, bypassing the knowledge base: Chroma's collection and the SQLite file."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from knowledge import KnowledgeBase
+from knowledge.search import keyword_expression
+
+
+def chroma_name(kb: KnowledgeBase, collection: str) -> str:
+    with sqlite3.connect(kb.settings.database_path) as conn:
+        return conn.execute("SELECT chroma_name FROM collections WHERE name = ?", (collection,)).fetchone()[0]
+
+
+def chroma_chunks(kb: KnowledgeBase, collection: str, doc_id: str | None = None) -> list[tuple[str, int, int]]:
+    """(doc_id, version, index) of every chunk Chroma holds for the document (or the collection)."""
+    col = kb.vectors.client.get_collection(chroma_name(kb, collection))
+    got = col.get(where={"_doc_id": doc_id} if doc_id else None, include=["metadatas"])
+    return sorted((m["_doc_id"], m["_version"], m["_idx"]) for m in got["metadatas"])
+
+
+def sqlite_chunks(kb: KnowledgeBase, collection: str, doc_id: str) -> list[tuple[int, int]]:
+    """(version, index) of the document's chunk rows."""
+    with sqlite3.connect(kb.settings.database_path) as conn:
+        rows = conn.execute(
+            "SELECT version, idx FROM chunks c JOIN collections k ON k.id = c.collection_id"
+            " WHERE k.name = ? AND c.doc_id = ? ORDER BY version, idx",
+            (collection, doc_id),
+        ).fetchall()
+    return [tuple(r) for r in rows]
+
+
+def fts_matches(kb: KnowledgeBase, collection: str, words: str) -> list[tuple[str, int]]:
+    """(doc_id, version) of every FTS5 row matching any of the words; (None, None): an entry without its row."""
+    with sqlite3.connect(kb.settings.database_path) as conn:
+        (cid,) = conn.execute("SELECT id FROM collections WHERE name = ?", (collection,)).fetchone()
+        rows = conn.execute(
+            f"SELECT c.doc_id, c.version FROM fts_{cid} f LEFT JOIN chunks c ON c.id = f.rowid WHERE fts_{cid} MATCH ?",
+            (keyword_expression(words),),
+        ).fetchall()
+    return sorted(set(rows), key=repr)

@@ -1,0 +1,197 @@
+"""The knowledge HTTP API, in-process, over real Chroma, SQLite and the real embedder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+
+from knowledge import KnowledgeSettings
+from service import Settings, create_app
+from service.engine.launcher import free_port
+from tests.documents import pdf_bytes
+
+C = "/v1/collections/harbour"
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    home = tmp_path_factory.mktemp("kb-home")
+    # No engine is needed for the knowledge API: point at a closed port (external mode starts nothing).
+    settings = Settings(
+        home=home, engine_urls=f"http://127.0.0.1:{free_port()}", max_body_bytes=200_000,
+        max_upload_bytes=300_000, max_bulk_documents=20,
+    )
+    knowledge = KnowledgeSettings(home=home, max_document_chars=50_000, chunk_tokens=64, chunk_overlap=8)
+    with TestClient(create_app(settings, knowledge)) as c:
+        assert c.post("/v1/collections", json={"name": "harbour"}).status_code == 201
+        yield c
+
+
+def _error(response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+def _search(client, query: str, **kw) -> list[dict]:
+    response = client.post(f"{C}/search", json={"query": query, **kw})
+    assert response.status_code == 200, response.text
+    return response.json()["data"]
+
+
+def test_collections_lifecycle(client):
+    assert client.post("/v1/collections", json={"name": "scratch", "metadata": {"team": "ops"}}).status_code == 201
+    _error(client.post("/v1/collections", json={"name": "scratch"}), 409)
+    names = [c["name"] for c in client.get("/v1/collections").json()["data"]]
+    assert {"harbour", "scratch"} <= set(names)
+    got = client.get("/v1/collections/scratch").json()
+    assert got["metadata"] == {"team": "ops"} and got["documents"] == 0
+    assert client.delete("/v1/collections/scratch").json()["deleted"] is True
+    _error(client.get("/v1/collections/scratch"), 404)
+    _error(client.put("/v1/collections/scratch/documents/a", json={"text": "x"}), 404)
+
+
+@pytest.mark.parametrize("name", ["ab", "Upper", "-lead", "has space", "x" * 64, "dot.name"])
+def test_bad_collection_names_are_refused(client, name):
+    error = _error(client.post("/v1/collections", json={"name": name}), 400)
+    assert "name" in error["message"]
+
+
+def test_document_versions_cut_over_and_old_text_is_gone(client):
+    first = client.put(f"{C}/documents/tariffs", json={"text": "The mooring tariff is 40 crowns per metre."})
+    assert first.status_code == 201 and first.json()["status"] == "created" and first.json()["version"] == 1
+    same = client.put(f"{C}/documents/tariffs", json={"text": "The mooring tariff is 40 crowns per metre."})
+    assert same.status_code == 200 and same.json()["status"] == "unchanged" and same.json()["version"] == 1
+    changed = client.put(f"{C}/documents/tariffs", json={"text": "The mooring tariff is 55 crowns per metre."})
+    assert changed.json()["status"] == "updated" and changed.json()["version"] == 2
+
+    doc = client.get(f"{C}/documents/tariffs").json()
+    assert doc["version"] == 2 and "55 crowns" in doc["text"]
+    for mode in ("dense", "keyword", "hybrid"):
+        hits = [h for h in _search(client, "mooring tariff crowns", mode=mode, top_k=10) if h["doc_id"] == "tariffs"]
+        assert hits and all(h["version"] == 2 and "40 crowns" not in h["text"] for h in hits), mode
+
+    assert client.delete(f"{C}/documents/tariffs").json()["deleted"] is True
+    _error(client.get(f"{C}/documents/tariffs"), 404)
+    assert not [h for h in _search(client, "mooring tariff", top_k=10) if h["doc_id"] == "tariffs"]
+
+
+def test_document_ids_may_be_paths(client):
+    assert client.put(f"{C}/documents/policies/ferry.md", json={"text": "Night ferries run hourly."}).status_code == 201
+    assert client.get(f"{C}/documents/policies/ferry.md").json()["doc_id"] == "policies/ferry.md"
+
+
+def test_list_documents_pages_through_everything_once(client):
+    client.post("/v1/collections", json={"name": "paged"})
+    for i in range(5):
+        client.put(f"/v1/collections/paged/documents/d{i}", json={"text": f"notice number {i}"})
+    seen, after = [], None
+    while True:
+        page = client.get("/v1/collections/paged/documents", params={"limit": 2, **({"after": after} if after else {})})
+        assert page.status_code == 200
+        seen += [d["doc_id"] for d in page.json()["data"]]
+        after = page.json()["next"]
+        if after is None:
+            break
+    assert seen == [f"d{i}" for i in range(5)]
+
+
+def test_bulk_json_lines_reports_each_line(client):
+    lines = [
+        json.dumps({"id": "b1", "text": "Berth 4 is reserved for tankers.", "metadata": {"kind": "berth"}}),
+        "{not json",
+        json.dumps({"id": "b2", "text": "Pilots board at the outer buoy."}),
+        json.dumps({"id": "b3"}),
+        "",
+        json.dumps({"id": "b4", "text": "   "}),
+    ]
+    response = client.post(f"{C}/documents/bulk", content="\n".join(lines), headers={"content-type": "application/x-ndjson"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["summary"] == {"created": 2, "updated": 0, "unchanged": 0, "failed": 3}
+    by_line = {r["line"]: r for r in body["results"]}
+    assert by_line[1]["status"] == "created" and by_line[3]["status"] == "created"
+    assert all(by_line[n]["status"] == "failed" and by_line[n]["error"] for n in (2, 4, 6))
+    assert client.get(f"{C}/documents/b1").json()["metadata"] == {"kind": "berth"}
+
+
+def test_bulk_limits(client):
+    _error(client.post(f"{C}/documents/bulk", content=b"\n\n"), 400)
+    many = "\n".join(json.dumps({"id": f"m{i}", "text": "x"}) for i in range(21))
+    _error(client.post(f"{C}/documents/bulk", content=many), 400)
+
+
+def test_file_uploads_of_every_supported_type(client):
+    files = {
+        "notes.txt": b"Storm warnings are flown from the east pier.",
+        "guide.md": b"# Guide\n\nThe speed limit is **6 knots** inside the breakwater.",
+        "page.html": b"<html><head><style>p{}</style><script>var secret=1;</script></head>"
+                     b"<body><p>Customs opens at 7.</p></body></html>",
+        "report.pdf": pdf_bytes("Dredging contract runs for 18 months.", "Second page of the report."),
+    }
+    for name, data in files.items():
+        response = client.post(f"{C}/files", files={"file": (name, data)}, data={"metadata": '{"source": "upload"}'})
+        assert response.status_code == 201, (name, response.text)
+    assert "Customs opens at 7." in client.get(f"{C}/documents/page.html").json()["text"]
+    assert "secret" not in client.get(f"{C}/documents/page.html").json()["text"]
+    report = client.get(f"{C}/documents/report.pdf").json()
+    assert "18 months" in report["text"] and "Second page" in report["text"]
+    assert report["metadata"] == {"source": "upload"}
+    hits = _search(client, "dredging contract months", mode="keyword")
+    assert hits[0]["doc_id"] == "report.pdf"
+
+
+BAD_UPLOADS = [
+    ("binary garbage named .txt", "garbage.txt", bytes(range(256)) * 8, 422),
+    ("a broken PDF", "broken.pdf", b"%PDF-1.4\n1 0 obj << /Type /Catalog >>\ngarbage", 422),
+    ("an empty file", "empty.txt", b"", 422),
+    ("an unsupported type", "contract.docx", b"PK\x03\x04 not really", 415),
+    ("latin-1 text", "legacy.txt", "Kronen für Anlegeplätze".encode("latin-1"), 422),
+]
+
+
+@pytest.mark.parametrize(("case", "name", "data", "status"), BAD_UPLOADS, ids=[b[0] for b in BAD_UPLOADS])
+def test_bad_uploads_get_a_4xx_and_touch_nothing(client, case, name, data, status):
+    client.put(f"{C}/documents/keep", json={"text": "The harbour master is Ines Duarte."})
+    before = client.get(f"{C}/documents/keep").json()
+    error = _error(client.post(f"{C}/files", files={"file": (name, data)}, data={"doc_id": "keep"}), status)
+    assert name in error["message"]
+    assert client.get(f"{C}/documents/keep").json() == before
+
+
+def test_oversized_inputs(client):
+    _error(client.put(f"{C}/documents/big", json={"text": "harbour " * 7000}), 400)  # over max_document_chars
+    _error(client.put(f"{C}/documents/big", json={"text": "x" * 250_000}), 413)  # over max_body_bytes
+    _error(client.post(f"{C}/files", files={"file": ("big.txt", b"a" * 310_000)}), 413)  # over max_upload_bytes
+    _error(client.get(f"{C}/documents/big"), 404)
+
+
+@pytest.mark.parametrize(
+    ("body", "param_hint"),
+    [
+        ({"query": "ferry", "filter": {"kind": {"$regex": "x"}}}, "$regex"),
+        ({"query": "ferry", "filter": {"$and": []}}, "$and"),
+        ({"query": "ferry", "filter": {"_doc_id": "x"}}, "_doc_id"),
+        ({"query": "ferry", "mode": "fuzzy"}, "mode"),
+        ({"query": ""}, "query"),
+        ({"query": "ferry", "top_k": 0}, "top_k"),
+    ],
+)
+def test_bad_searches_are_400(client, body, param_hint):
+    error = _error(client.post(f"{C}/search", json=body), 400)
+    assert param_hint in error["message"] or error["param"] == param_hint
+
+
+def test_filters_keep_documents_out(client):
+    client.put(f"{C}/documents/en", json={"text": "The ferry fare is 3 crowns.", "metadata": {"lang": "en"}})
+    client.put(f"{C}/documents/fr", json={"text": "The ferry fare is 3 crowns.", "metadata": {"lang": "fr"}})
+    for mode in ("dense", "keyword", "hybrid"):
+        docs = {h["doc_id"] for h in _search(client, "ferry fare", mode=mode, top_k=20, filter={"lang": "en"})}
+        assert "en" in docs and "fr" not in docs, mode
+
+
+def test_unknown_collection_search_is_404(client):
+    _error(client.post("/v1/collections/nowhere/search", json={"query": "x"}), 404)

@@ -1,0 +1,152 @@
+"""The knowledge API in a real `lorag serve` process: crash safety and the `lorag docs` CLI."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+
+from service.engine.launcher import free_port
+from tests.documents import pdf_bytes
+from tests.gateway import Gateway
+
+
+def _knowledge_gateway(tmp_path, home) -> Gateway:
+    # External mode at a closed port: no vLLM, so the process starts in seconds.
+    return Gateway(tmp_path / "no-model", home, env={"LORAG_ENGINE_URLS": f"http://127.0.0.1:{free_port()}"})
+
+
+def _wait_up(gw: Gateway) -> None:
+    import time
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert gw.proc.poll() is None, gw.log_tail()
+        try:
+            if httpx.get(f"{gw.url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    raise AssertionError(gw.log_tail())
+
+
+@pytest.fixture
+def service(tmp_path):
+    gw = _knowledge_gateway(tmp_path, tmp_path / "home").start()
+    _wait_up(gw)
+    yield gw
+    if gw.proc.poll() is None:
+        gw.stop(signal.SIGTERM)
+
+
+def test_sigkill_mid_ingest_keeps_every_acknowledged_write_once(service, tmp_path):
+    url = f"{service.url}/v1/collections/ledger"
+    assert httpx.post(f"{service.url}/v1/collections", json={"name": "ledger"}).status_code == 201
+    acked: dict[str, int] = {}
+    stop = threading.Event()
+
+    def writer() -> None:
+        with httpx.Client(timeout=30) as http:
+            for i in range(10_000):
+                if stop.is_set():
+                    return
+                doc = f"doc{i % 40}"  # rewrites too, so versions are cut over while the kill lands
+                text = f"Ledger entry {doc} marker{i} " + "harbour dues paid in full. " * 40
+                try:
+                    response = http.put(f"{url}/documents/{doc}", json={"text": text, "metadata": {"doc": doc}})
+                except httpx.HTTPError:
+                    return
+                if response.status_code in (200, 201):
+                    acked[doc] = i
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    import time
+
+    while len(acked) < 40 and thread.is_alive():
+        time.sleep(0.05)
+    time.sleep(1.0)  # let rewrites run, then kill mid-write
+    service.proc.send_signal(signal.SIGKILL)
+    service.proc.wait(30)
+    stop.set()
+    thread.join(30)
+    assert len(acked) == 40
+
+    restarted = Gateway(service.model, service.home, env=service.env).start()
+    try:
+        _wait_up(restarted)
+        url = f"{restarted.url}/v1/collections/ledger"
+        for doc, i in acked.items():
+            got = httpx.get(f"{url}/documents/{doc}").json()
+            # The acknowledged write or a later one that was in flight: never an older one.
+            marker = int(got["text"].split("marker")[1].split()[0])
+            assert marker >= i, (doc, marker, i)
+            # Every chunk repeats "harbour dues": a search limited to this document returns all of them.
+            body = {"query": "harbour dues", "mode": "hybrid", "top_k": 50, "filter": {"doc": doc}}
+            mine = httpx.post(f"{url}/search", json=body).json()["data"]
+            assert mine, f"{doc} is not searchable after the restart"
+            assert {h["doc_id"] for h in mine} == {doc}
+            assert {h["version"] for h in mine} == {got["version"]}
+            assert len({h["chunk_id"] for h in mine}) == len(mine) == got["chunks"]
+    finally:
+        restarted.stop(signal.SIGTERM)
+
+
+def test_docs_push_a_mixed_folder_and_its_summary(service, tmp_path):
+    folder = tmp_path / "docs"
+    (folder / "policies").mkdir(parents=True)
+    (folder / "notes.txt").write_text("Storm warnings are flown from the east pier.")
+    (folder / "policies" / "speed.md").write_text("# Speed\n\nThe limit is 6 knots inside the breakwater.")
+    (folder / "page.html").write_text("<p>Customs opens at 7.</p>")
+    (folder / "report.pdf").write_bytes(pdf_bytes("Dredging contract runs for 18 months."))
+    (folder / "more.jsonl").write_text(
+        json.dumps({"id": "j1", "text": "Ferries leave every 20 minutes."}) + "\n"
+        + json.dumps({"id": "j2", "text": "Berth 4 is reserved for tankers."}) + "\n"
+        + "{broken\n"
+    )
+    (folder / "garbage.txt").write_bytes(bytes(range(256)) * 4)
+    (folder / "contract.docx").write_bytes(b"PK\x03\x04")
+
+    def push() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "service.cli", "docs", "--url", service.url, "push", str(folder), "--collection", "handbook"],
+            capture_output=True, text=True, timeout=300,
+        )
+
+    first = push()
+    assert first.returncode == 1, first.stderr  # failures make a non-zero exit
+    assert "6 created, 0 updated, 0 unchanged, 3 failed" in first.stdout, first.stdout
+    assert "garbage.txt: " in first.stdout and "binary" in first.stdout
+    assert "contract.docx: unsupported file type .docx" in first.stdout
+    assert "more.jsonl:3" in first.stdout
+    assert "push → handbook" in first.stderr  # the progress bar
+
+    (folder / "notes.txt").write_text("Storm warnings are now flown from the west pier.")
+    second = push()
+    assert "0 created, 1 updated, 5 unchanged, 3 failed" in second.stdout, second.stdout
+
+    listing = httpx.get(f"{service.url}/v1/collections/handbook/documents").json()["data"]
+    assert sorted(d["doc_id"] for d in listing) == ["j1", "j2", "notes.txt", "page.html", "policies/speed.md", "report.pdf"]
+
+    found = subprocess.run(
+        [sys.executable, "-m", "service.cli", "docs", "--url", service.url, "search", "west pier storm",
+         "--collection", "handbook", "--top-k", "1"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert found.returncode == 0, found.stderr
+    assert found.stdout.startswith("1. notes.txt v2")
+
+
+def test_docs_cli_says_when_the_service_is_unreachable(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "docs", "--url", f"http://127.0.0.1:{free_port()}", "push", str(tmp_path),
+         "--collection", "handbook"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert "cannot reach" in result.stderr
