@@ -5,9 +5,13 @@
 One run starts one `lorag serve` (embedded vLLM, the demo model), fills a collection,
 then alternates two phases at the same concurrency, twice each (A B A B):
   lorag:  POST /v1/chat/completions with `rag` (query embedding, hybrid search, prompt assembly);
-  direct: the exact prompt tokens vLLM received in the lorag phase (read back with
-          `return_token_ids`), sent to vLLM's own /v1/completions.
-Every request generates the same number of tokens (ignore_eos), so the engine's work is equal.
+  direct: the same final messages, sent to vLLM's own /v1/chat/completions. They are built
+          here from the same search (lorag's search API) with the same prompt builder, and the
+          warm-up checks that vLLM received exactly the prompt tokens it got through lorag.
+Each request asks for a fixed number of tokens (ignore_eos), the same in both phases, so the
+engine's work is equal; the numbers vary from request to request (max_tokens/2 to 3*max_tokens/2)
+so that requests finish, and new ones arrive, spread out as in real traffic rather than in
+lock-step waves of 32.
 Reported: throughput ratio (output tokens/s, lorag over direct), added latency p50/p99, and
 the per-request time lorag spent embedding, searching and building the prompt.
 """
@@ -21,10 +25,15 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
+import psutil
+from transformers import AutoTokenizer
 
 from bench.knowledge_bench import percentile
+from knowledge.prompting import PromptBuilder
+from service.settings import Settings
 from tests.gateway import Gateway
 from training.demo.base import build_base
 from training.demo.corpus import corpus
@@ -92,34 +101,51 @@ def bench(gw: Gateway, args: argparse.Namespace) -> dict:
     httpx.post(f"{gw.url}/v1/collections/bench/documents/bulk", content=docs, timeout=600).raise_for_status()
 
     questions = [q for q in corpus(11, args.requests * 4) if q.endswith("?")][: args.requests]
+    lengths = [args.max_tokens // 2 + (i * 37) % (args.max_tokens + 1) for i in range(len(questions))]
     lorag_bodies = [
-        {"model": MODEL, "messages": [{"role": "user", "content": q}], "max_tokens": args.max_tokens,
-         "ignore_eos": True, "return_token_ids": True, "rag": {"collection": "bench", "top_k": 4}}
-        for q in questions
+        {"model": MODEL, "messages": [{"role": "user", "content": q}], "max_tokens": n,
+         "ignore_eos": True, "rag": {"collection": "bench", "top_k": 4}}
+        for q, n in zip(questions, lengths)
     ]
     engine = gw.engine_url()
 
-    # Warm-up, and the final prompts lorag built, read back from vLLM.
-    _, _, answers = asyncio.run(run_phase(gw.url, lorag_bodies, args.concurrency, "/v1/chat/completions"))
-    direct_bodies = [
-        {"model": MODEL, "prompt": a["prompt_token_ids"], "max_tokens": args.max_tokens, "ignore_eos": True}
-        for a in answers
-    ]
-    asyncio.run(run_phase(engine, direct_bodies, args.concurrency, "/v1/completions"))
+    # The direct phase's prompts: the same search, the same builder, the served model's tokenizer.
+    builder = PromptBuilder(AutoTokenizer.from_pretrained(gw.model), Settings().engine_max_model_len)
+    direct_bodies = []
+    for body in lorag_bodies:
+        search = {"query": body["messages"][-1]["content"], "top_k": 4, "mode": "hybrid"}
+        hits = httpx.post(f"{gw.url}/v1/collections/bench/search", json=search).json()["data"]
+        passages = [SimpleNamespace(**h) for h in hits]
+        messages = builder.build(body["messages"], passages, body["max_tokens"]).messages
+        direct_bodies.append({**{k: v for k, v in body.items() if k != "rag"}, "messages": messages})
+
+    # Warm-up, and proof that both paths give vLLM the same prompt.
+    echo = {"return_token_ids": True}
+    _, _, through = asyncio.run(run_phase(gw.url, [{**b, **echo} for b in lorag_bodies], args.concurrency, "/v1/chat/completions"))
+    _, _, direct = asyncio.run(run_phase(engine, [{**b, **echo} for b in direct_bodies], args.concurrency, "/v1/chat/completions"))
+    assert all(a["prompt_token_ids"] == b["prompt_token_ids"] for a, b in zip(through, direct)), "prompts differ"
+
+    gateway = psutil.Process(gw.proc.pid)
+
+    def cpu_s() -> float:
+        times = gateway.cpu_times()
+        return times.user + times.system
 
     phases: dict[str, list[dict]] = {"lorag": [], "direct": []}
     timings: list[dict] = []
     all_latencies: dict[str, list[float]] = {"lorag": [], "direct": []}
-    tokens = args.requests * args.max_tokens
+    tokens = sum(lengths)
     for _ in range(2):
+        before = cpu_s()
         wall, lat, answers = asyncio.run(run_phase(gw.url, lorag_bodies, args.concurrency, "/v1/chat/completions"))
-        assert all(a["usage"]["completion_tokens"] == args.max_tokens for a in answers)
+        gateway_cpu_ms = (cpu_s() - before) * 1000 / len(lorag_bodies)
+        assert [a["usage"]["completion_tokens"] for a in answers] == lengths
         assert all(a["citations"] for a in answers)
-        phases["lorag"].append(summarize(wall, lat, tokens))
+        phases["lorag"].append({**summarize(wall, lat, tokens), "gateway_cpu_ms_per_request": round(gateway_cpu_ms, 1)})
         all_latencies["lorag"] += lat
         timings += [a["rag"]["timings_ms"] for a in answers]
-        wall, lat, answers = asyncio.run(run_phase(engine, direct_bodies, args.concurrency, "/v1/completions"))
-        assert all(a["usage"]["completion_tokens"] == args.max_tokens for a in answers)
+        wall, lat, answers = asyncio.run(run_phase(engine, direct_bodies, args.concurrency, "/v1/chat/completions"))
+        assert [a["usage"]["completion_tokens"] for a in answers] == lengths
         phases["direct"].append(summarize(wall, lat, tokens))
         all_latencies["direct"] += lat
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import httpx
 import pytest
@@ -22,8 +23,6 @@ def _knowledge_gateway(tmp_path, home) -> Gateway:
 
 
 def _wait_up(gw: Gateway) -> None:
-    import time
-
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert gw.proc.poll() is None, gw.log_tail()
@@ -48,26 +47,35 @@ def test_sigkill_mid_ingest_keeps_every_acknowledged_write_once(service, tmp_pat
     url = f"{service.url}/v1/collections/ledger"
     assert httpx.post(f"{service.url}/v1/collections", json={"name": "ledger"}).status_code == 201
     acked: dict[str, int] = {}
+    refused: list[dict] = []
     stop = threading.Event()
 
     def writer() -> None:
-        with httpx.Client(timeout=30) as http:
-            for i in range(10_000):
+        # Bulk requests of 8 documents; ids cycle, so later batches rewrite earlier documents and
+        # versions are being cut over when the kill lands.
+        with httpx.Client(timeout=60) as http:
+            for batch in range(10_000):
                 if stop.is_set():
                     return
-                doc = f"doc{i % 40}"  # rewrites too, so versions are cut over while the kill lands
-                text = f"Ledger entry {doc} marker{i} " + "harbour dues paid in full. " * 40
+                lines = []
+                for k in range(8):
+                    i = batch * 8 + k
+                    doc = f"doc{i % 40}"
+                    text = f"Ledger entry {doc} marker{i} " + "harbour dues paid in full. " * 40
+                    lines.append(json.dumps({"id": doc, "text": text, "metadata": {"doc": doc}}))
                 try:
-                    response = http.put(f"{url}/documents/{doc}", json={"text": text, "metadata": {"doc": doc}})
+                    response = http.post(f"{url}/documents/bulk", content="\n".join(lines))
                 except httpx.HTTPError:
                     return
-                if response.status_code in (200, 201):
-                    acked[doc] = i
+                if response.status_code == 200:
+                    for line, result in zip(lines, response.json()["results"]):
+                        if result["status"] not in ("created", "updated"):
+                            refused.append(result)
+                        item = json.loads(line)
+                        acked[item["id"]] = int(item["text"].split("marker")[1].split()[0])
 
     thread = threading.Thread(target=writer)
     thread.start()
-    import time
-
     while len(acked) < 40 and thread.is_alive():
         time.sleep(0.05)
     time.sleep(1.0)  # let rewrites run, then kill mid-write
@@ -75,7 +83,7 @@ def test_sigkill_mid_ingest_keeps_every_acknowledged_write_once(service, tmp_pat
     service.proc.wait(30)
     stop.set()
     thread.join(30)
-    assert len(acked) == 40
+    assert len(acked) == 40 and not refused, refused
 
     restarted = Gateway(service.model, service.home, env=service.env).start()
     try:
