@@ -1,4 +1,4 @@
-"""Versioned documents → chunks → embeddings in Chroma and BM25 in SQLite; hybrid search.
+"""Versioned documents → chunks → embeddings in Chroma and text in SQLite, BM25 in memory; hybrid search.
 
 Imports nothing of lorag's and nothing of FastAPI: the service and training both use it.
 """

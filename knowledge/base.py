@@ -7,7 +7,6 @@ embedder, Chroma), so open one per process and share it.
 from __future__ import annotations
 
 import logging
-import sqlite3
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -30,6 +29,7 @@ from knowledge.embedding import Embedder
 from knowledge.errors import CollectionExists, CollectionNotFound, DocumentNotFound, InvalidQuery, KnowledgeError
 from knowledge.filters import Filter
 from knowledge.ingestion import Ingestion
+from knowledge.keywords import MissingIndex
 from knowledge.records import CollectionRow, DocumentRow, RecordStore
 from knowledge.search import Mode, Searcher, SearchResult
 from knowledge.settings import KnowledgeSettings
@@ -190,14 +190,8 @@ class KnowledgeBase:
         row = self._collection(collection)
         try:
             return self._searcher.search(row, query, top_k, mode, where, vector)
-        except MissingVectors:
+        except (MissingVectors, MissingIndex):  # deleted under this search
             raise CollectionNotFound(collection) from None
-        except sqlite3.OperationalError:
-            # Deleted under this search: its FTS table went with it ("no such table").
-            current = self.records.collection(collection)
-            if current is None or current.id != row.id:
-                raise CollectionNotFound(collection) from None
-            raise
 
 
 def _time(seconds: float) -> datetime:

@@ -3,8 +3,8 @@
 For each changed document, in this order:
   0. an intent row in SQLite (a crash after this point is repaired at the next open);
   1. the new version's chunks and vectors go to Chroma (invisible: not the active version);
-  2. one SQLite transaction adds the new chunk rows and FTS entries and makes the version
-     active: the flip; then the version map lets new searches see it;
+  2. one SQLite transaction adds the new chunk rows (the keyword index takes them at its
+     commit) and makes the version active: the flip; then the version map lets new searches see it;
   3. once no search that started before the flip is running, the old version's chunks leave
      Chroma and SQLite, and the intent row goes.
 A bulk write does each step once for all of its documents, so Chroma and SQLite see a few big

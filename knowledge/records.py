@@ -1,5 +1,6 @@
 """The SQLite side: collections, documents (the source of truth for active versions), the
-chunks of active versions with a per-collection FTS5 index for BM25, and write intents.
+chunks of active versions, and write intents; plus each collection's in-memory keyword index
+(keywords.py), which follows the chunks table commit by commit.
 
 One writer connection behind a lock (SQLite allows one writer anyway); readers take
 connections from a small pool so that, in WAL mode, searches never wait for a write.
@@ -8,21 +9,23 @@ connections from a small pool so that, in WAL mode, searches never wait for a wr
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 import threading
 import uuid
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from knowledge.chunking import Chunk
 from knowledge.documents import Metadata, canonical_json
+from knowledge.keywords import KeywordIndex, MissingIndex, build
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS collections (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: names the Chroma collection and FTS table
+    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: names the Chroma collection
     name TEXT NOT NULL UNIQUE,
     chroma_name TEXT NOT NULL,
     metadata TEXT NOT NULL,
@@ -42,6 +45,7 @@ CREATE TABLE IF NOT EXISTS documents (
 );
 -- Chunks of active versions, plus for a moment the previous version's (until no search
 -- that may still accept it is running). metadata: the document's, for keyword filters.
+-- The keyword index is built from `text` at open.
 CREATE TABLE IF NOT EXISTS chunks (
     id INTEGER PRIMARY KEY,
     collection_id INTEGER NOT NULL,
@@ -111,8 +115,9 @@ class Publication:
     chunks: Sequence[Chunk]
 
 
-def fts_table(collection_id: int) -> str:
-    return f"fts_{int(collection_id)}"
+# Stores written before the in-memory keyword index have an FTS5 table per collection that
+# nothing reads or updates any more; opening drops them.
+OLD_FTS_TABLE = re.compile(r"fts_\d+")
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -131,6 +136,11 @@ class RecordStore:
         self._writer.execute("PRAGMA synchronous = FULL")
         self._writer.execute("PRAGMA foreign_keys = ON")
         self._write_lock = threading.Lock()
+        # Run after the open transaction commits (or rolls back), still under the write lock:
+        # the keyword indexes change only with what SQLite durably holds.
+        self._on_commit: list[Callable[[], None]] = []
+        self._on_rollback: list[Callable[[], None]] = []
+        self._keywords: dict[int, KeywordIndex] = {}
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         with self._write_lock:
@@ -144,6 +154,18 @@ class RecordStore:
                 row = (uuid.uuid4().hex[:12],)
                 tx.execute("INSERT INTO meta VALUES ('instance', ?)", row)
         self.instance = row[0]
+        self._load_keywords()
+
+    def _load_keywords(self) -> None:
+        with self.transaction() as tx:
+            for (name,) in tx.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+                if OLD_FTS_TABLE.fullmatch(name):
+                    tx.execute(f"DROP TABLE {name}")
+        with self.reading() as conn:
+            for (cid,) in conn.execute("SELECT id FROM collections").fetchall():
+                index = self._keywords[cid] = KeywordIndex()
+                rows = conn.execute("SELECT id, text FROM chunks WHERE collection_id = ?", (cid,)).fetchall()
+                index.add(build([r[0] for r in rows], [r[1] for r in rows]))
 
     def close(self) -> None:
         with self._readers_lock:
@@ -163,7 +185,17 @@ class RecordStore:
             except BaseException:
                 if self._writer.in_transaction:
                     self._writer.execute("ROLLBACK")
+                undo = self._on_rollback[::-1]
+                self._on_commit.clear()
+                self._on_rollback.clear()
+                for action in undo:
+                    action()
                 raise
+            done = list(self._on_commit)
+            self._on_commit.clear()
+            self._on_rollback.clear()
+            for action in done:
+                action()
 
     @contextmanager
     def reading(self) -> Iterator[sqlite3.Connection]:
@@ -214,14 +246,13 @@ class RecordStore:
         ).lastrowid
         chroma_name = f"lorag-{self.instance}-{cid}"
         tx.execute("UPDATE collections SET chroma_name = ? WHERE id = ?", (chroma_name, cid))
-        tx.execute(
-            f"CREATE VIRTUAL TABLE {fts_table(cid)} USING fts5("
-            "text, content='chunks', content_rowid='id', tokenize='porter unicode61 remove_diacritics 2')"
-        )
+        # In place before the commit, so that no search finds the collection without its index.
+        self._keywords[cid] = KeywordIndex()
+        self._on_rollback.append(lambda: self._keywords.pop(cid, None))
         return CollectionRow(cid, name, chroma_name, metadata, now)
 
     def delete_collection(self, tx: sqlite3.Connection, collection_id: int) -> None:
-        tx.execute(f"DROP TABLE IF EXISTS {fts_table(collection_id)}")
+        self._on_commit.append(lambda: self._keywords.pop(collection_id, None))
         for table in ("chunks", "intents", "documents"):
             tx.execute(f"DELETE FROM {table} WHERE collection_id = ?", (collection_id,))
         tx.execute("DELETE FROM collections WHERE id = ?", (collection_id,))
@@ -272,7 +303,8 @@ class RecordStore:
 
     def publish(self, tx: sqlite3.Connection, collection_id: int, docs: Sequence[Publication], now: float) -> None:
         """Make each document's new version the active one (its chunks already in Chroma)."""
-        fts = fts_table(collection_id)
+        ids: list[int] = []
+        texts: list[str] = []
         for doc in docs:
             meta = canonical_json(doc.metadata)
             tx.execute(
@@ -288,26 +320,33 @@ class RecordStore:
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 [(collection_id, doc.doc_id, doc.version, c.index, c.start, c.end, c.text, meta) for c in doc.chunks],
             )
-            tx.execute(
-                f"INSERT INTO {fts} (rowid, text) SELECT id, text FROM chunks"
-                " WHERE collection_id = ? AND doc_id = ? AND version = ?",
+            for row_id, text in tx.execute(
+                "SELECT id, text FROM chunks WHERE collection_id = ? AND doc_id = ? AND version = ?",
                 (collection_id, doc.doc_id, doc.version),
-            )
+            ):
+                ids.append(row_id)
+                texts.append(text)
+        index = self._keywords.get(collection_id)
+        if index is not None:  # None: deleted under this write, which the caller finds out
+            segment = build(ids, texts)
+            self._on_commit.append(lambda: index.add(segment))
 
     def remove_document(self, tx: sqlite3.Connection, collection_id: int, doc_id: str) -> None:
         tx.execute("DELETE FROM documents WHERE collection_id = ? AND doc_id = ?", (collection_id, doc_id))
 
     def drop_chunks(self, tx: sqlite3.Connection, collection_id: int, doc_id: str, keep_version: int | None) -> None:
-        """Delete the document's chunk rows (and their FTS entries) except those of `keep_version`."""
+        """Delete the document's chunk rows (and their keyword postings) except those of `keep_version`."""
         keep = -1 if keep_version is None else keep_version
-        where = "collection_id = ? AND doc_id = ? AND version != ?"
-        params = (collection_id, doc_id, keep)
-        fts = fts_table(collection_id)
-        # External-content FTS5 forgets a row only when told its exact old text.
-        tx.execute(
-            f"INSERT INTO {fts} ({fts}, rowid, text) SELECT 'delete', id, text FROM chunks WHERE {where}", params
-        )
-        tx.execute(f"DELETE FROM chunks WHERE {where}", params)
+        gone = [
+            row_id
+            for (row_id,) in tx.execute(
+                "DELETE FROM chunks WHERE collection_id = ? AND doc_id = ? AND version != ? RETURNING id",
+                (collection_id, doc_id, keep),
+            ).fetchall()
+        ]
+        index = self._keywords.get(collection_id)
+        if gone and index is not None:
+            self._on_commit.append(lambda: index.remove(gone))
 
     # Intents
 
@@ -337,24 +376,27 @@ class RecordStore:
 
     # Search
 
-    def keyword(
-        self,
-        conn: sqlite3.Connection,
-        collection_id: int,
-        match: str,
-        where: str,
-        params: Sequence[object],
-        limit: int,
-    ) -> list[tuple[ChunkRow, float]]:
-        """Chunks matching the FTS5 expression `match`, best BM25 first; score: -bm25 (higher is better)."""
-        fts = fts_table(collection_id)
+    def keywords(self, collection_id: int) -> KeywordIndex:
+        index = self._keywords.get(collection_id)
+        if index is None:
+            raise MissingIndex(collection_id)
+        return index
+
+    def chunks_by_id(
+        self, conn: sqlite3.Connection, collection_id: int, ids: Sequence[int], where: str, params: Sequence[object]
+    ) -> dict[int, ChunkRow]:
+        """The rows among `ids` that still exist and pass the SQL filter `where` (over c.metadata)."""
+        if not ids:
+            return {}
+        # CROSS JOIN fixes the plan: a rowid lookup per id. Left to itself, SQLite scans the
+        # collection's whole (collection_id, ...) index instead.
         rows = conn.execute(
-            f'SELECT c.doc_id, c.version, c.idx, c.start, c."end", c.text, c.metadata, bm25({fts}) AS rank'
-            f" FROM {fts} JOIN chunks c ON c.id = {fts}.rowid"
-            f" WHERE {fts} MATCH ? AND ({where}) ORDER BY rank LIMIT ?",
-            (match, *params, limit),
+            'SELECT c.id, c.doc_id, c.version, c.idx, c.start, c."end", c.text, c.metadata'
+            " FROM json_each(?) AS wanted CROSS JOIN chunks c ON c.id = wanted.value"
+            f" WHERE c.collection_id = ? AND ({where})",
+            (json.dumps(list(ids)), collection_id, *params),
         ).fetchall()
-        return [(ChunkRow(*r[:6], json.loads(r[6])), -r[7]) for r in rows]
+        return {r[0]: ChunkRow(*r[1:7], json.loads(r[7])) for r in rows}
 
     def chunk(
         self, conn: sqlite3.Connection, collection_id: int, doc_id: str, version: int, idx: int

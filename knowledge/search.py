@@ -1,4 +1,4 @@
-"""Search a collection: dense (Chroma), keyword (SQLite FTS5 BM25), or both fused by reciprocal rank.
+"""Search a collection: dense (Chroma), keyword (BM25, keywords.py), or both fused by reciprocal rank.
 
 Every hit is checked against the version map (see versions.py), so only the version of a
 document that was active when the search started is ever returned.
@@ -6,7 +6,6 @@ document that was active when the search started is ever returned.
 
 from __future__ import annotations
 
-import re
 import sqlite3
 import time
 from collections.abc import Callable
@@ -19,6 +18,7 @@ from knowledge.documents import Metadata
 from knowledge.embedding import Embedder
 from knowledge.errors import InvalidQuery
 from knowledge.filters import Filter
+from knowledge.keywords import query_terms
 from knowledge.records import ChunkRow, CollectionRow, RecordStore
 from knowledge.vectors import VectorStore, chunk_id
 from knowledge.versions import Versions
@@ -27,11 +27,7 @@ Mode = Literal["hybrid", "dense", "keyword"]
 MODES = ("hybrid", "dense", "keyword")
 RRF_K = 60  # reciprocal rank fusion: score = sum over lists of 1 / (RRF_K + rank)
 MAX_QUERY_CHARS = 10_000
-MAX_TERMS = 64
 MAX_FETCH = 10_000  # most candidates one list fetches while making up for hits of other versions
-# Letters and digits only: FTS5 syntax characters never reach MATCH, and "_" (a separator to
-# FTS5's tokenizer) would otherwise make empty phrases.
-TERM = re.compile(r"[^\W_]+")
 
 
 @dataclass(frozen=True)
@@ -43,7 +39,7 @@ class Hit:
     start: int  # character offsets of the chunk in its document
     end: int
     text: str
-    score: float  # dense: cosine similarity; keyword: -bm25; hybrid: fused reciprocal rank
+    score: float  # dense: cosine similarity; keyword: BM25; hybrid: fused reciprocal rank
     metadata: Metadata
 
 
@@ -60,12 +56,6 @@ class SearchResult:
     hits: list[Hit]
     timings: SearchTimings
     mode: Mode
-
-
-def keyword_expression(query: str) -> str | None:
-    """The query as an FTS5 expression: each distinct term quoted, ORed. None when it has no terms."""
-    terms = list(dict.fromkeys(term.lower() for term in TERM.findall(query)))[:MAX_TERMS]
-    return " OR ".join(f'"{term}"' for term in terms) or None
 
 
 # (doc_id, version, index) → score, best first
@@ -160,19 +150,33 @@ class Searcher:
     def _keyword(
         self, seq: int, collection: CollectionRow, conn: sqlite3.Connection, query: str, want: int, where: Filter | None
     ) -> tuple[Ranked, dict[tuple[str, int, int], ChunkRow]]:
-        expression = keyword_expression(query)
-        if expression is None:  # only punctuation: nothing to match, not an error
+        terms = query_terms(query)
+        if not terms:  # only punctuation: nothing to match, not an error
             return [], {}
+        ranking = self._records.keywords(collection.id).rank(terms)
         sql, params = where.to_sql("c.metadata") if where is not None else ("1", [])
+        checked: dict[int, ChunkRow | None] = {}  # chunk row id → its row, None if filtered out or gone
         rows: dict[tuple[str, int, int], ChunkRow] = {}
 
         def fetch(n: int) -> list[tuple[tuple[str, int, int], float]]:
-            found = []
-            for row, score in self._records.keyword(conn, collection.id, expression, sql, params, n):
-                key = (row.doc_id, row.version, row.index)
-                rows[key] = row
-                found.append((key, score))
-            return found
+            """The best `n` chunks that pass the filter; fewer only when no more match."""
+            depth = n
+            while True:
+                ids, scores = ranking.top(depth)
+                todo = [i for i in ids if i not in checked]
+                found_rows = self._records.chunks_by_id(conn, collection.id, todo, sql, params)
+                checked.update((i, found_rows.get(i)) for i in todo)
+                found = []
+                for i, score in zip(ids, scores, strict=True):
+                    row = checked[i]
+                    if row is not None:
+                        key = (row.doc_id, row.version, row.index)
+                        rows[key] = row
+                        found.append((key, score))
+                # A selective filter passes few of the best chunks: look deeper, up to every match.
+                if len(found) >= n or len(ids) < depth:
+                    return found[:n]
+                depth *= 4
 
         return self._accepted(seq, collection, fetch, want), rows
 

@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import chromadb
 import pytest
+from chromadb.config import Settings as ChromaSettings
 
+from service.engine.launcher import free_port
 from tests.gateway import Gateway
 from training.demo.base import build_base
 
@@ -44,3 +52,41 @@ def gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     # uvicorn shuts down gracefully, then re-raises the signal so the exit status tells why it ended.
     assert code in (0, -signal.SIGTERM), f"lorag exited with {code} on SIGTERM:\n{gw.log_tail()}"
     assert not left, f"engine processes left after lorag stopped: {left}"
+
+
+@pytest.fixture(scope="session")
+def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """URL of a `chroma run` server on a free loopback port; stopped at the end of the session."""
+    root = tmp_path_factory.mktemp("chroma-server")
+    port = free_port()
+    chroma = Path(sys.executable).with_name("chroma")
+    log = (root / "server.log").open("wb")
+    proc = subprocess.Popen(
+        [str(chroma), "run", "--path", str(root / "data"), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "ANONYMIZED_TELEMETRY": "False"},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                client = chromadb.HttpClient(
+                    host="127.0.0.1", port=port, settings=ChromaSettings(anonymized_telemetry=False)
+                )
+                client.heartbeat()
+                client.close()
+                break
+            except Exception:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"chroma run did not start:\n{(root / 'server.log').read_text()[-2000:]}")
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()

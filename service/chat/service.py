@@ -113,6 +113,8 @@ class ChatService:
             raise EngineUnavailable(f"the engine is not reachable: {exc}") from exc
         except httpx.TimeoutException as exc:
             raise EngineError(f"the engine did not answer in time ({exc.__class__.__name__})") from exc
+        except httpx.TransportError as exc:  # the engine died between our request and its answer
+            raise EngineUnavailable(f"the engine dropped the request: {exc!r}") from exc
         if response.status_code != 200:
             await response.aread()
             await response.aclose()

@@ -1,72 +1,21 @@
 """Real components for knowledge tests: the packaged embedder (loaded once), and Chroma both
-embedded in a temp dir and as one `chroma run` server for the whole session."""
+embedded in a temp dir and as the session's `chroma run` server (tests/conftest.py)."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import chromadb
 import pytest
-from chromadb.config import Settings as ChromaSettings
 
 from knowledge import Embedder, KnowledgeBase, KnowledgeSettings
 
 CHROMA_MODES = ["persistent", "server"]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def embedder() -> Embedder:
     return Embedder()
-
-
-@pytest.fixture(scope="session")
-def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URL of a `chroma run` server on a free loopback port; stopped at the end of the session."""
-    root = tmp_path_factory.mktemp("chroma-server")
-    port = free_port()
-    chroma = Path(sys.executable).with_name("chroma")
-    log = (root / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [str(chroma), "run", "--path", str(root / "data"), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "ANONYMIZED_TELEMETRY": "False"},
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client = chromadb.HttpClient(
-                    host="127.0.0.1", port=port, settings=ChromaSettings(anonymized_telemetry=False)
-                )
-                client.heartbeat()
-                client.close()
-                break
-            except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"chroma run did not start:\n{(root / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(params=CHROMA_MODES)

@@ -1,11 +1,12 @@
-"""Look at what the stores hold, bypassing the knowledge base: Chroma's collection and the SQLite file."""
+"""Look at what the stores hold, bypassing the knowledge base's search: Chroma's collection, the
+SQLite file and the in-memory keyword index."""
 
 from __future__ import annotations
 
 import sqlite3
 
 from knowledge import KnowledgeBase
-from knowledge.search import keyword_expression
+from knowledge.keywords import query_terms
 
 
 def chroma_name(kb: KnowledgeBase, collection: str) -> str:
@@ -31,12 +32,14 @@ def sqlite_chunks(kb: KnowledgeBase, collection: str, doc_id: str) -> list[tuple
     return [tuple(r) for r in rows]
 
 
-def fts_matches(kb: KnowledgeBase, collection: str, words: str) -> list[tuple[str, int]]:
-    """(doc_id, version) of every FTS5 row matching any of the words; (None, None): an entry without its row."""
+def keyword_matches(kb: KnowledgeBase, collection: str, words: str) -> list[tuple[str, int]]:
+    """(doc_id, version) of every chunk in the keyword index holding any of the words;
+    (None, None): an index entry whose chunk row is gone."""
+    index = kb.records.keywords(kb.records.collection(collection).id)
+    ids, _ = index.rank(query_terms(words)).top(len(index) + 1)
     with sqlite3.connect(kb.settings.database_path) as conn:
-        (cid,) = conn.execute("SELECT id FROM collections WHERE name = ?", (collection,)).fetchone()
-        rows = conn.execute(
-            f"SELECT c.doc_id, c.version FROM fts_{cid} f LEFT JOIN chunks c ON c.id = f.rowid WHERE fts_{cid} MATCH ?",
-            (keyword_expression(words),),
-        ).fetchall()
-    return sorted(set(rows), key=repr)
+        found = conn.execute(
+            "SELECT id, doc_id, version FROM chunks WHERE id IN (SELECT value FROM json_each(?))", (str(ids),)
+        )
+        rows = {row_id: (doc_id, version) for row_id, doc_id, version in found}
+    return sorted({rows.get(i, (None, None)) for i in ids}, key=repr)

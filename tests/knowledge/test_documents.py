@@ -15,7 +15,7 @@ from knowledge import (
     KnowledgeBase,
     WriteResult,
 )
-from tests.knowledge.inspection import chroma_chunks, chroma_name, fts_matches, sqlite_chunks
+from tests.knowledge.inspection import chroma_chunks, chroma_name, keyword_matches, sqlite_chunks
 
 LONG = " ".join(f"Paragraph {i} talks about lighthouse keepers and their lamps." for i in range(60))
 
@@ -72,7 +72,7 @@ def test_put_get_list_delete(kb: KnowledgeBase):
         kb.delete_document("docs", "guide")
     assert chroma_chunks(kb, "docs", "guide") == []
     assert sqlite_chunks(kb, "docs", "guide") == []
-    assert fts_matches(kb, "docs", "lighthouse") == []
+    assert keyword_matches(kb, "docs", "lighthouse") == []
     assert all(hit.doc_id != "guide" for hit in kb.search("docs", "lighthouse keepers", top_k=10).hits)
 
 
@@ -98,8 +98,8 @@ def test_new_version_replaces_every_old_chunk(kb: KnowledgeBase):
     assert (v2.status, v2.version, v2.chunks) == ("updated", 2, 1)
     assert chroma_chunks(kb, "docs", "d") == [("d", 2, 0)]
     assert sqlite_chunks(kb, "docs", "d") == [(2, 0)]
-    assert fts_matches(kb, "docs", "lighthouse") == []
-    assert fts_matches(kb, "docs", "submarine") == [("d", 2)]
+    assert keyword_matches(kb, "docs", "lighthouse") == []
+    assert keyword_matches(kb, "docs", "submarine") == [("d", 2)]
     hits = kb.search("docs", "lighthouse keepers lamps", top_k=10, mode="dense").hits
     assert [(h.doc_id, h.version) for h in hits] == [("d", 2)]
 

@@ -17,7 +17,7 @@ import pytest
 from knowledge import Embedder, KnowledgeBase
 from knowledge.records import Publication
 from knowledge.vectors import chunk_id
-from tests.knowledge.inspection import chroma_chunks, chroma_name, fts_matches, sqlite_chunks
+from tests.knowledge.inspection import chroma_chunks, chroma_name, keyword_matches, sqlite_chunks
 
 V1 = "The archive opens at nine. Visitors sign the ledger at the oak desk."
 V2 = "The archive now opens at ten. Visitors scan a badge at the glass gate."
@@ -78,7 +78,7 @@ def test_crash_after_the_flip_finishes_the_clean_up(make_settings, embedder: Emb
         assert kb.recovered == 1 and intents(kb) == []
         assert chroma_chunks(kb, "docs", "hours") == [("hours", 2, 0)]
         assert sqlite_chunks(kb, "docs", "hours") == [(2, 0)]
-        assert fts_matches(kb, "docs", "ledger oak") == []
+        assert keyword_matches(kb, "docs", "ledger oak") == []
         hits = kb.search("docs", "archive opening hours badge", mode="hybrid").hits
         assert [(h.doc_id, h.version) for h in hits] == [("hours", 2)]
 
@@ -177,7 +177,7 @@ def test_sigkill_mid_write_loses_nothing_acknowledged(make_settings, embedder: E
             assert "round3" in text
             hits = kb.search("crash", text[:60], top_k=10, mode="hybrid").hits
             assert {h.version for h in hits if h.doc_id == doc.doc_id} == {doc.version}
-        assert fts_matches(kb, "crash", "round2") == []
+        assert keyword_matches(kb, "crash", "round2") == []
 
 
 class Outage(Exception):

@@ -15,15 +15,19 @@ from tests.documents import pdf_bytes
 C = "/v1/collections/harbour"
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
+@pytest.fixture(scope="module", params=["persistent", "server"])
+def client(request, tmp_path_factory):
+    """The gateway in-process, its Chroma embedded or the session's `chroma run` server."""
     home = tmp_path_factory.mktemp("kb-home")
+    chroma_url = request.getfixturevalue("chroma_server") if request.param == "server" else None
     # No engine is needed for the knowledge API: point at a closed port (external mode starts nothing).
     settings = Settings(
         home=home, engine_urls=f"http://127.0.0.1:{free_port()}", max_body_bytes=200_000,
         max_upload_bytes=300_000, max_bulk_documents=20,
     )
-    knowledge = KnowledgeSettings(home=home, max_document_chars=50_000, chunk_tokens=64, chunk_overlap=8)
+    knowledge = KnowledgeSettings(
+        home=home, chroma_url=chroma_url, max_document_chars=50_000, chunk_tokens=64, chunk_overlap=8
+    )
     with TestClient(create_app(settings, knowledge)) as c:
         assert c.post("/v1/collections", json={"name": "harbour"}).status_code == 201
         yield c
