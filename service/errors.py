@@ -86,7 +86,7 @@ class EngineError(LoragError):
 class EngineRejected(LoragError):
     """The engine refused the request as invalid (it knows limits we do not, e.g. context length)."""
 
-    def __init__(self, status_code: int, message: str, param: str | None, type_: str | None):
+    def __init__(self, status_code: int, message: str, param: str | None):
         super().__init__(message, param=param, code="engine_rejected")
         self.status_code = status_code
         self.type = "not_found_error" if status_code == 404 else "invalid_request_error"

@@ -172,6 +172,6 @@ def _engine_failure(engine: Engine, response: httpx.Response) -> LoragError:
     error = payload.get("error") if isinstance(payload.get("error"), dict) else payload
     message = str(error.get("message") or response.text[:500] or "no message")
     if 400 <= response.status_code < 500:
-        return EngineRejected(response.status_code, message, error.get("param"), error.get("type"))
+        return EngineRejected(response.status_code, message, error.get("param"))
     log.error("engine %s answered %d: %s", engine.name, response.status_code, message)
     return EngineError(f"the engine failed ({response.status_code}): {message}")
