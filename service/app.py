@@ -56,7 +56,13 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
         # The engine starts in the background first, so its start overlaps the
         # knowledge base's (the embedder and Chroma take seconds to open).
         await engines.start()
-        kb = await to_thread.run_sync(KnowledgeBase, knowledge_settings)
+        try:
+            kb = await to_thread.run_sync(KnowledgeBase, knowledge_settings)
+        except BaseException:
+            # The engine is already starting: a failed start must not leave it behind.
+            await engines.stop()
+            await http.aclose()
+            raise
         builder = await to_thread.run_sync(load_builder, settings)
         app.state.knowledge = KnowledgeService(kb, settings)
         app.state.engines = engines
@@ -82,7 +88,7 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
         BodyLimit,
         max_bytes=settings.max_body_bytes,
         upload_max_bytes=settings.max_upload_bytes,
-        upload_suffixes=("/files", "/documents/bulk"),
+        upload_paths=r"/v1/collections/[^/]+/(files|documents/bulk)",
     )
     install_error_handlers(app)
     app.include_router(chat_router)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -10,19 +11,19 @@ from service.errors import BodyTooLarge, envelope
 
 
 class BodyLimit:
-    """`max_bytes` for every request, `upload_max_bytes` for paths ending in one of `upload_suffixes`."""
+    """`max_bytes` for every request, `upload_max_bytes` for the paths `upload_paths` matches whole."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int, upload_suffixes: tuple[str, ...]):
+    def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int, upload_paths: str):
         self.app = app
         self.max_bytes = max_bytes
         self.upload_max_bytes = upload_max_bytes
-        self.upload_suffixes = upload_suffixes
+        self.upload_paths = re.compile(upload_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.upload_max_bytes if scope["path"].endswith(self.upload_suffixes) else self.max_bytes
+        limit = self.upload_max_bytes if self.upload_paths.fullmatch(scope["path"]) else self.max_bytes
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
@@ -32,20 +33,33 @@ class BodyLimit:
                 error = BodyTooLarge(limit)
                 await _refuse(send, 413, envelope(error.message, error.type, code=error.code))
                 return
-
-        # A chunked body has no Content-Length: count as it arrives.
-        received = 0
-
-        async def counted() -> Message:
-            nonlocal received
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
+        else:
+            # A chunked body has no Content-Length: read it here, up to the limit, and replay it.
+            # (Raising from inside FastAPI's body parsing would come out as a generic 400.)
+            chunks, received, more = [], 0, True
+            while more:
+                message = await receive()
+                if message["type"] != "http.request":
+                    break
+                chunks.append(message.get("body", b""))
+                received += len(chunks[-1])
                 if received > limit:
-                    raise BodyTooLarge(limit)
-            return message
+                    error = BodyTooLarge(limit)
+                    await _refuse(send, 413, envelope(error.message, error.type, code=error.code))
+                    return
+                more = message.get("more_body", False)
+            body, upstream, replayed = b"".join(chunks), receive, False
 
-        await self.app(scope, counted, send)
+            async def replay() -> Message:
+                nonlocal replayed
+                if replayed:
+                    return await upstream()  # after the body: disconnects
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+
+            receive = replay
+
+        await self.app(scope, receive, send)
 
 
 async def _refuse(send: Send, status: int, body: dict) -> None:

@@ -31,7 +31,7 @@ class LoragError(Exception):
         self.param = param
         self.code = code
 
-    def headers(self) -> dict[str, str] | None:
+    def extra_headers(self) -> dict[str, str] | None:
         return None
 
 
@@ -72,7 +72,7 @@ class EngineUnavailable(LoragError):
     def __init__(self, message: str = "the generation engine is not ready; retry shortly"):
         super().__init__(message, code="engine_unavailable")
 
-    def headers(self) -> dict[str, str]:
+    def extra_headers(self) -> dict[str, str]:
         return {"Retry-After": "5"}
 
 
@@ -125,7 +125,7 @@ def _respond(status: int, body: dict, headers: dict[str, str] | None = None) -> 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(LoragError)
     async def _domain(_: Request, exc: LoragError) -> JSONResponse:
-        return _respond(exc.status_code, envelope(exc.message, exc.type, exc.param, exc.code), exc.headers())
+        return _respond(exc.status_code, envelope(exc.message, exc.type, exc.param, exc.code), exc.extra_headers())
 
     @app.exception_handler(KnowledgeError)
     async def _knowledge(_: Request, exc: KnowledgeError) -> JSONResponse:

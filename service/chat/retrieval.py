@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from anyio import to_thread
+from jinja2 import TemplateError
 
 from knowledge import KnowledgeBase
 from knowledge.prompting import PromptBuilder
@@ -73,7 +74,13 @@ class Retrieval:
             # Search and prompt assembly together, in one worker thread: both are CPU work.
             result = self._kb.search(collection, query, top_k=top_k, mode=mode, filter=filter_, query_embedding=vector)
             started = time.perf_counter()
-            prompt = self._builder.build(messages, result.hits, max_tokens)
+            try:
+                prompt = self._builder.build(messages, result.hits, max_tokens)
+            except TemplateError as exc:  # e.g. a template that demands strict user/assistant turns
+                raise InvalidRequest(
+                    f"the model's chat template refused these messages with the sources added: {exc}",
+                    param="messages",
+                ) from None
             prompt_ms = (time.perf_counter() - started) * 1000
             citations = [
                 {"index": src.index, "doc_id": src.doc_id, "version": src.version, "chunk_id": src.chunk_id,

@@ -90,7 +90,10 @@ class ChatService:
             raise EngineError(f"the engine broke off the response: {exc}") from exc
         finally:
             await response.aclose()
-        answer = response.json()
+        try:
+            answer = response.json()
+        except ValueError as exc:
+            raise EngineError(f"the engine answered with something that is not JSON: {exc}") from exc
         if admission.grounding is not None:
             answer["citations"] = admission.grounding.citations
             answer["rag"] = admission.grounding.summary
@@ -150,7 +153,7 @@ class ChatService:
                 chunk = {**(head or {}), "object": "chat.completion.chunk", "choices": [],
                          "citations": grounding.citations, "rag": grounding.summary}
                 yield f"data: {json.dumps(chunk)}\n\n".encode()
-        except (httpx.HTTPError, LoragError) as exc:
+        except (httpx.HTTPError, LoragError, ValueError) as exc:
             message = exc.message if isinstance(exc, LoragError) else f"the engine stream broke: {exc!r}"
             log.warning("stream aborted: %s", message)
             error = envelope(message, "engine_error", code="engine_stream_broken")

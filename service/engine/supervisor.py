@@ -4,7 +4,8 @@ The child gets its own session (process group) so that it and its workers
 (vLLM forks an EngineCore and a Worker) can be signalled as one. Every path out
 of lorag kills that group: a normal shutdown, a crash of the child (its
 orphaned workers would otherwise hold the port and memory), an interpreter
-exit (atexit) and, through PR_SET_PDEATHSIG, even a SIGKILL of lorag.
+exit (atexit). If lorag itself is SIGKILLed, PR_SET_PDEATHSIG signals the vLLM
+API server; its own workers then rely on vLLM noticing that their parent died.
 """
 
 from __future__ import annotations
@@ -27,11 +28,13 @@ log = logging.getLogger("lorag.engine")
 
 _PR_SET_PDEATHSIG = 1
 _STOP_GRACE_S = 15.0
+# Looked up here, not in the forked child: dlopen after fork is unsafe in a threaded process.
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec.
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _kill_group(pgid: int, sig: int) -> bool:
@@ -97,31 +100,35 @@ class EngineSupervisor:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        await self._terminate()
-        atexit.unregister(self._kill_now)
+            except Exception:
+                log.exception("the engine supervisor had failed")
+        try:
+            await self._terminate()
+        finally:
+            atexit.unregister(self._kill_now)
 
     async def _run(self) -> None:
         backoff = 1.0
         while not self._stopping:
             started = time.monotonic()
-            spec = self._spec()
             try:
+                spec = self._spec()
                 await self._spawn(spec)
-            except OSError as exc:
-                log.error("cannot start the engine (%s): %s", spec.argv[0], exc)
-                self._proc = None
-            try:
-                if self._proc is not None and await self._until_ready(spec):
+                if await self._until_ready(spec):
                     log.info("engine ready at %s after %.0f s (pid %d)", self.url, time.monotonic() - started, self.pid)
                     self._ready.set()
-                    await self._proc.wait()
+                    await self._exited()
                     backoff = 1.0  # it ran fine for a while: a fresh crash starts the backoff over
                     log.error("engine exited with code %s; last output:\n%s", self._proc.returncode, self._last_output())
-                elif self._proc is not None:
+                else:
                     log.error(
                         "engine did not become ready (exit code %s); last output:\n%s",
                         self._proc.returncode, self._last_output(),
                     )
+            except Exception:
+                # Whatever failed (no free port, no interpreter, ...), the loop must go on: a dead
+                # supervisor would leave the service without an engine and nobody the wiser.
+                log.exception("cannot start the engine")
             finally:
                 self._ready.clear()
             await self._terminate()
@@ -146,13 +153,28 @@ class EngineSupervisor:
         # Held so the task is not garbage-collected; it ends when the child's output closes.
         self._pump_task = asyncio.create_task(self._pump(self._proc), name="engine-log")
 
+    async def _exited(self) -> None:
+        # Not proc.wait(): it also waits for every copy of the output pipe to close, and the
+        # engine's workers hold copies, so it would hang while an orphaned worker lives on.
+        while self._proc.returncode is None:
+            await asyncio.sleep(0.5)
+
     async def _pump(self, proc: asyncio.subprocess.Process) -> None:
-        """Forward the engine's output to our log, keeping the tail for crash reports."""
+        """Forward the engine's output to our log, keeping the tail for crash reports.
+
+        Read in blocks, not lines: a line longer than the stream's buffer (a progress bar
+        redrawn with carriage returns) would stop a line reader, the pipe would fill up and
+        the engine would block on its next write.
+        """
         assert proc.stdout is not None
-        async for raw in proc.stdout:
-            line = raw.decode(errors="replace").rstrip()
-            self._tail.append(line)
-            log.debug("%s", line)
+        pending = b""
+        while block := await proc.stdout.read(65536):
+            *lines, pending = (pending + block).split(b"\n")
+            for raw in lines:
+                line = raw.decode(errors="replace").rstrip()
+                self._tail.append(line)
+                log.debug("%s", line)
+            pending = pending[-65536:]
 
     async def _until_ready(self, spec: LaunchSpec) -> bool:
         """Poll the engine's /health until 200; False if it exits or the timeout passes first."""
@@ -166,10 +188,7 @@ class EngineSupervisor:
                     return True
             except httpx.HTTPError:
                 pass
-            try:
-                await asyncio.wait_for(self._proc.wait(), 0.5)
-            except TimeoutError:
-                pass
+            await asyncio.sleep(0.5)
         log.error("engine not ready within %.0f s (LORAG_ENGINE_STARTUP_TIMEOUT_S)", self._startup_timeout_s)
         return False
 
@@ -182,17 +201,11 @@ class EngineSupervisor:
         if _kill_group(pgid, signal.SIGTERM):
             deadline = time.monotonic() + _STOP_GRACE_S
             while _group_alive(pgid) and time.monotonic() < deadline:
-                if proc.returncode is None:
-                    try:
-                        await asyncio.wait_for(proc.wait(), 0.2)
-                    except TimeoutError:
-                        pass
-                else:
-                    await asyncio.sleep(0.2)
+                await asyncio.sleep(0.2)
             if _kill_group(pgid, signal.SIGKILL):
                 log.warning("engine did not stop within %.0f s; killed", _STOP_GRACE_S)
-        if proc.returncode is None:
-            await proc.wait()
+        while proc.returncode is None:  # reaped by asyncio's child watcher once it is gone
+            await asyncio.sleep(0.1)
         self._proc = None
 
     def _kill_now(self) -> None:

@@ -75,7 +75,7 @@ class DocsClient:
         return Outcome(str(file), "failed", _message(response))
 
     def _push_jsonl(self, file: Path) -> list[Outcome]:
-        lines = file.read_text(encoding="utf-8").splitlines()
+        lines = file.read_text(encoding="utf-8").split("\n")
         outcomes = []
         for start in range(0, len(lines), _BULK_BATCH):
             batch = lines[start:start + _BULK_BATCH]

@@ -45,7 +45,15 @@ class KnowledgeService:
     async def put_bulk(self, collection: str, body: bytes) -> dict:
         """Write JSON lines {"id", "text", "metadata"?}; a bad line fails alone and names its line number."""
         items, results = [], []
-        lines = [(n, line) for n, line in enumerate(body.decode("utf-8", errors="replace").splitlines(), 1) if line.strip()]
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidRequest(
+                f"the body is not UTF-8 (invalid byte at offset {exc.start}); send JSON lines in UTF-8",
+                code="invalid_encoding",
+            ) from None
+        # Split on "\n" only: str.splitlines() would also split inside JSON strings at U+2028 and friends.
+        lines = [(n, line.rstrip("\r")) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
         if not lines:
             raise InvalidRequest("the body has no JSON lines; send one document per line", code="empty_bulk")
         if len(lines) > self._settings.max_bulk_documents:

@@ -122,6 +122,23 @@ def test_bulk_json_lines_reports_each_line(client):
     assert client.get(f"{C}/documents/b1").json()["metadata"] == {"kind": "berth"}
 
 
+def test_bulk_lines_split_on_newlines_only_and_must_be_utf8(client):
+    # U+2028 is legal inside a JSON string; a line splitter that treats it as a newline breaks the line.
+    line = json.dumps({"id": "sep", "text": "Berth 9\u2028is closed."}, ensure_ascii=False)
+    body = client.post(f"{C}/documents/bulk", content=line.encode()).json()
+    assert body["summary"]["created"] == 1, body
+    assert client.get(f"{C}/documents/sep").json()["text"] == "Berth 9\u2028is closed."
+    latin1 = json.dumps({"id": "l1", "text": "Gebühr"}, ensure_ascii=False).encode("latin-1")
+    assert _error(client.post(f"{C}/documents/bulk", content=latin1), 400)["code"] == "invalid_encoding"
+    _error(client.get(f"{C}/documents/l1"), 404)
+
+
+def test_a_document_id_cannot_unlock_the_upload_limit(client):
+    # The upload limit (300 kB here) applies to the upload routes only, not to ids ending in /files.
+    response = client.put(f"{C}/documents/x/files", json={"text": "x" * 250_000})
+    assert _error(response, 413)["code"] == "body_too_large"
+
+
 def test_bulk_limits(client):
     _error(client.post(f"{C}/documents/bulk", content=b"\n\n"), 400)
     many = "\n".join(json.dumps({"id": f"m{i}", "text": "x"}) for i in range(21))
@@ -171,6 +188,17 @@ def test_oversized_inputs(client):
     _error(client.put(f"{C}/documents/big", json={"text": "x" * 250_000}), 413)  # over max_body_bytes
     _error(client.post(f"{C}/files", files={"file": ("big.txt", b"a" * 310_000)}), 413)  # over max_upload_bytes
     _error(client.get(f"{C}/documents/big"), 404)
+
+
+def test_an_oversized_chunked_body_is_a_413(client):
+    def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        yield b'{"text": "'
+        for _ in range(30):
+            yield b"x" * 10_000
+        yield b'"}'
+
+    response = client.put(f"{C}/documents/chunked", content=chunks(), headers={"content-type": "application/json"})
+    assert _error(response, 413)["code"] == "body_too_large"
 
 
 @pytest.mark.parametrize(
