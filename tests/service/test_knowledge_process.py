@@ -17,9 +17,12 @@ from tests.documents import pdf_bytes
 from tests.gateway import Gateway
 
 
-def _knowledge_gateway(tmp_path, home) -> Gateway:
+def _knowledge_gateway(tmp_path, home, chroma_url: str | None = None) -> Gateway:
     # External mode at a closed port: no vLLM, so the process starts in seconds.
-    return Gateway(tmp_path / "no-model", home, env={"LORAG_ENGINE_URLS": f"http://127.0.0.1:{free_port()}"})
+    env = {"LORAG_ENGINE_URLS": f"http://127.0.0.1:{free_port()}"}
+    if chroma_url:
+        env["LORAG_CHROMA_URL"] = chroma_url
+    return Gateway(tmp_path / "no-model", home, env=env)
 
 
 def _wait_up(gw: Gateway) -> None:
@@ -34,9 +37,11 @@ def _wait_up(gw: Gateway) -> None:
     raise AssertionError(gw.log_tail())
 
 
-@pytest.fixture
-def service(tmp_path):
-    gw = _knowledge_gateway(tmp_path, tmp_path / "home").start()
+@pytest.fixture(params=["persistent", "server"])
+def service(request, tmp_path):
+    """A real `lorag serve`, its Chroma embedded or the session's `chroma run` server."""
+    chroma_url = request.getfixturevalue("chroma_server") if request.param == "server" else None
+    gw = _knowledge_gateway(tmp_path, tmp_path / "home", chroma_url).start()
     _wait_up(gw)
     yield gw
     if gw.proc.poll() is None:
