@@ -118,6 +118,11 @@ class ChatService:
             raise EngineError(f"the engine did not answer in time ({exc.__class__.__name__})") from exc
         except httpx.TransportError as exc:  # the engine died between our request and its answer
             raise EngineUnavailable(f"the engine dropped the request: {exc!r}") from exc
+        except Exception as exc:
+            # httpcore can fail outside its own error types when the engine's socket vanishes
+            # mid-request (seen: AttributeError on a closed socket); still the engine's failure.
+            log.exception("engine request failed")
+            raise EngineUnavailable(f"the engine dropped the request: {exc!r}") from exc
         if response.status_code != 200:
             await response.aread()
             await response.aclose()
@@ -153,7 +158,7 @@ class ChatService:
                 chunk = {**(head or {}), "object": "chat.completion.chunk", "choices": [],
                          "citations": grounding.citations, "rag": grounding.summary}
                 yield f"data: {json.dumps(chunk)}\n\n".encode()
-        except (httpx.HTTPError, LoragError, ValueError) as exc:
+        except Exception as exc:  # whatever broke, the client gets a whole error frame and [DONE]
             message = exc.message if isinstance(exc, LoragError) else f"the engine stream broke: {exc!r}"
             log.warning("stream aborted: %s", message)
             error = envelope(message, "engine_error", code="engine_stream_broken")
