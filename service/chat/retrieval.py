@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from anyio import to_thread
@@ -82,11 +82,7 @@ class Retrieval:
                     param="messages",
                 ) from None
             prompt_ms = (time.perf_counter() - started) * 1000
-            citations = [
-                {"index": src.index, "doc_id": src.doc_id, "version": src.version, "chunk_id": src.chunk_id,
-                 "chunk": src.chunk, "score": src.score, "snippet": src.snippet}
-                for src in prompt.sources
-            ]
+            citations = [asdict(src) for src in prompt.sources]  # Source's fields are the citation's
             summary = {
                 "collection": collection,
                 "mode": mode,
