@@ -11,17 +11,23 @@ from anyio import to_thread
 from fastapi import FastAPI
 
 from knowledge import KnowledgeBase, KnowledgeSettings
+from service.adapters.inspection import BaseModelInfo
+from service.adapters.registry import Registry
+from service.adapters.router import router as adapters_router
+from service.adapters.service import AdapterService
 from service.body_limit import BodyLimit
 from service.chat.retrieval import Retrieval, load_builder
 from service.chat.router import router as chat_router
 from service.chat.service import ChatService
 from service.engine.launcher import launch_spec
+from service.engine.lora import LoraEndpoints
 from service.engine.pool import EnginePool
 from service.engine.supervisor import EngineSupervisor
 from service.errors import install_error_handlers
 from service.health.router import router as health_router
 from service.knowledge.router import router as knowledge_router
 from service.knowledge.service import KnowledgeService
+from service.metrics import Metrics
 from service.models.catalog import ModelCatalog
 from service.models.router import router as models_router
 from service.settings import Settings
@@ -37,17 +43,24 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # One pooled client for all engine traffic; per-request timeouts are set where requests are built.
         http = httpx.AsyncClient(limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256))
+        metrics = Metrics()
+        registry = Registry(settings.home / "lorag.db", settings.adapters_path)
         if settings.embedded:
             supervisor = EngineSupervisor(
                 lambda: launch_spec(settings),
                 http,
                 startup_timeout_s=settings.engine_startup_timeout_s,
                 backoff_max_s=settings.engine_restart_backoff_max_s,
+                # Sync the new engine's adapters at once, not at the next probe.
+                on_ready=lambda: engines.probe(),
             )
             engines = EnginePool.embedded(http, supervisor)
         else:
             engines = EnginePool.external(http, settings.engine_urls)
-        catalog = ModelCatalog(settings)
+        base = await to_thread.run_sync(_base_info, settings)
+        adapters = AdapterService(settings, registry, engines, LoraEndpoints(http), base, metrics)
+        engines.set_sync(adapters.sync)
+        catalog = ModelCatalog(settings.served_model_name, registry)
         # Measured on 2 cores beside vLLM: a query embeds in 12 ms with one torch thread and
         # in 146 ms with two, whose OpenMP threads fight the engine's for the same cores.
         import torch  # heavy: imported when the app starts, not when it is built
@@ -62,21 +75,26 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
             # The engine is already starting: a failed start must not leave it behind.
             await engines.stop()
             await http.aclose()
+            registry.close()
             raise
         builder = await to_thread.run_sync(load_builder, settings)
         app.state.knowledge = KnowledgeService(kb, settings)
         app.state.engines = engines
         app.state.catalog = catalog
+        app.state.adapters = adapters
+        app.state.metrics = metrics
         retrieval = Retrieval(kb, builder, settings)
-        app.state.chat = ChatService(settings, engines, catalog, http, retrieval)
+        app.state.chat = ChatService(settings, engines, catalog, adapters, http, retrieval, metrics)
         log.info("lorag serving model %r (%s engine)", catalog.base, "embedded" if settings.embedded else "external")
         try:
             yield
         finally:
             await retrieval.close()
+            await adapters.close()
             await engines.stop()
             await http.aclose()
             kb.close()
+            registry.close()
 
     app = FastAPI(
         title="lorag",
@@ -88,11 +106,21 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
         BodyLimit,
         max_bytes=settings.max_body_bytes,
         upload_max_bytes=settings.max_upload_bytes,
-        upload_paths=r"/v1/collections/[^/]+/(files|documents/bulk)",
+        upload_paths=r"/v1/collections/[^/]+/(files|documents/bulk)|/v1/adapters/[^/]+/versions",
     )
     install_error_handlers(app)
     app.include_router(chat_router)
     app.include_router(models_router)
     app.include_router(knowledge_router)
+    app.include_router(adapters_router)
     app.include_router(health_router)
     return app
+
+
+def _base_info(settings: Settings) -> BaseModelInfo | None:
+    """What adapters are checked against; None (logged) when the base's weights are not readable here."""
+    try:
+        return BaseModelInfo.load(settings.model_path)
+    except Exception as exc:  # any unreadable base: adapters are refused with the reason, serving goes on
+        log.warning("cannot read the base model at %s (%s): adapter uploads are refused", settings.model_path, exc)
+        return None

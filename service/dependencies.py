@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from fastapi import Request
 
+from service.adapters.service import AdapterService
 from service.chat.service import ChatService
 from service.engine.pool import EnginePool
 from service.knowledge.service import KnowledgeService
+from service.metrics import Metrics
 from service.models.catalog import ModelCatalog
 
 
@@ -24,3 +26,11 @@ def get_engines(request: Request) -> EnginePool:
 
 def get_knowledge(request: Request) -> KnowledgeService:
     return request.app.state.knowledge
+
+
+def get_adapters(request: Request) -> AdapterService:
+    return request.app.state.adapters
+
+
+def get_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics

@@ -92,6 +92,44 @@ class EngineRejected(LoragError):
         self.type = "not_found_error" if status_code == 404 else "invalid_request_error"
 
 
+class AdapterNotFound(LoragError):
+    status_code = 404
+    type = "not_found_error"
+
+    def __init__(self, message: str):
+        super().__init__(message, code="adapter_not_found")
+
+
+class AdapterConflict(LoragError):
+    """The registry's state forbids the change (deleting an active or held version, a name in use)."""
+
+    status_code = 409
+    type = "conflict_error"
+
+    def __init__(self, message: str, *, code: str = "adapter_conflict"):
+        super().__init__(message, code=code)
+
+
+class AdapterRejected(LoragError):
+    """An uploaded adapter failed validation or its canary; nothing served was touched."""
+
+    status_code = 422
+
+    def __init__(self, message: str, *, code: str, status_code: int = 422):
+        super().__init__(message, code=code)
+        self.status_code = status_code
+
+
+class ActivationFailed(LoragError):
+    """An engine refused to load a version; the previous version keeps serving."""
+
+    status_code = 502
+    type = "engine_error"
+
+    def __init__(self, message: str):
+        super().__init__(message, code="activation_failed")
+
+
 # Knowledge errors are raised by a package that knows nothing of HTTP; their
 # status is decided here. Anything not listed is a caller's mistake: 400.
 _KNOWLEDGE_STATUS: dict[type[KnowledgeError], tuple[int, str]] = {

@@ -39,6 +39,12 @@ class Settings(BaseSettings):
         None, description="Name clients pass as `model`; default: 'lorag-demo' or the model directory's name."
     )
 
+    adapters_root: Path | None = Field(
+        None,
+        description="Folder of adapter versions (default: home/adapters); with LORAG_ENGINE_URLS, "
+        "every replica must see it at the same path.",
+    )
+
     # Engine
     engine_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
@@ -107,6 +113,10 @@ class Settings(BaseSettings):
         if self.model_name:
             return self.model_name
         return DEMO_MODEL_NAME if self.model is None else self.model.resolve().name
+
+    @property
+    def adapters_path(self) -> Path:
+        return self.adapters_root if self.adapters_root is not None else self.home / "adapters"
 
     @property
     def embedded(self) -> bool:

@@ -41,14 +41,24 @@ class Retrieval:
     async def close(self) -> None:
         await self._queries.close()
 
-    def wanted(self, request: ChatCompletionRequest) -> bool:
+    def wanted(self, request: ChatCompletionRequest, declared: dict[str, Any] | None = None) -> bool:
+        """Retrieve if the request says so, else if its adapter declares a collection, else if settings name one."""
         if request.rag is not None:
             return request.rag.enabled
-        return self._settings.rag_collection is not None
+        return bool((declared or {}).get("collection") or self._settings.rag_collection)
 
-    async def ground(self, request: ChatCompletionRequest, max_tokens: int) -> Grounding:
-        s, rag = self._settings, request.rag
-        collection = (rag.collection if rag else None) or s.rag_collection
+    async def ground(
+        self, request: ChatCompletionRequest, max_tokens: int, declared: dict[str, Any] | None = None
+    ) -> Grounding:
+        """Search and build the grounded messages. Each option comes from the request, else from the
+        adapter version's declared defaults (`declared`, its lorag.json `rag`), else from settings."""
+        s, rag, declared = self._settings, request.rag, declared or {}
+
+        def option(name: str) -> Any:
+            asked = getattr(rag, name) if rag else None
+            return asked if asked is not None else declared.get(name)
+
+        collection = option("collection") or s.rag_collection
         if collection is None:
             raise InvalidRequest(
                 "retrieval needs a collection: pass rag.collection, or set LORAG_RAG_COLLECTION", param="rag.collection"
@@ -63,9 +73,9 @@ class Retrieval:
         if not query:
             raise InvalidRequest("retrieval needs a user message with text to search for", param="messages")
         messages = [m.model_dump(exclude_unset=True) for m in request.messages]
-        top_k = (rag.top_k if rag else None) or s.rag_top_k
-        mode = (rag.mode if rag else None) or s.rag_mode
-        filter_ = rag.filter if rag else None
+        top_k = option("top_k") or s.rag_top_k
+        mode = option("mode") or s.rag_mode
+        filter_ = option("filter")
         started = time.perf_counter()
         vector = await self._queries.embed(query) if mode != "keyword" else None
         embed_ms = (time.perf_counter() - started) * 1000  # includes waiting for the batch

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -14,7 +15,10 @@ from service.chat.retrieval import Grounding, Retrieval
 from service.chat.schemas import ChatCompletionRequest
 from service.engine.pool import Engine, EnginePool
 from service.errors import EngineError, EngineRejected, EngineUnavailable, LimitExceeded, LoragError, envelope
-from service.models.catalog import ModelCatalog
+from service.adapters.leases import Lease
+from service.adapters.service import AdapterService
+from service.metrics import Metrics
+from service.models.catalog import ModelCatalog, Target
 from service.settings import Settings
 
 log = logging.getLogger("lorag.chat")
@@ -22,12 +26,18 @@ log = logging.getLogger("lorag.chat")
 _DONE = b"data: [DONE]\n\n"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Admission:
-    """A request that passed the limits: the body for the engine and, with retrieval, its grounding."""
+    """A request that passed the limits: its target (held until the response ends), the body for
+    the engine and, with retrieval, its grounding."""
 
+    target: Target
+    lease: Lease | None
     body: dict[str, Any]
+    started: float
+    wants_usage: bool = False  # the client asked for the usage chunk in its stream
     grounding: Grounding | None = None
+    ended: bool = False
 
 
 class ChatService:
@@ -36,17 +46,61 @@ class ChatService:
         settings: Settings,
         engines: EnginePool,
         catalog: ModelCatalog,
+        adapters: AdapterService,
         http: httpx.AsyncClient,
         retrieval: Retrieval,
+        metrics: Metrics,
     ):
         self._settings = settings
         self._engines = engines
         self._catalog = catalog
+        self._adapters = adapters
         self._http = http
         self._retrieval = retrieval
+        self._metrics = metrics
 
     async def admit(self, request: ChatCompletionRequest) -> Admission:
-        """Check the request against the limits, retrieve if asked, and build the body the engine gets."""
+        """Check the limits, resolve and hold the model's version, retrieve if asked, build the engine's body."""
+        self._check_limits(request)
+        s = self._settings
+        body = request.model_dump(exclude_unset=True, exclude={"rag"})
+        # Resolved once, here: the request keeps this version to its end, whatever is activated meanwhile.
+        target = self._catalog.resolve(request.model)
+        admission = Admission(target, self._adapters.hold(target), body, time.perf_counter())
+        try:
+            await self._adapters.ensure_loaded(target)
+            body["model"] = target.served
+            if request.max_tokens is None and request.max_completion_tokens is None:
+                body["max_tokens"] = s.max_tokens
+            if request.stream:
+                options = body.get("stream_options") or {}
+                admission.wants_usage = bool(options.get("include_usage"))
+                body["stream_options"] = {**options, "include_usage": True}  # for the token metrics
+            if self._retrieval.wanted(request, target.rag):
+                max_tokens = body.get("max_completion_tokens") or body["max_tokens"]
+                admission.grounding = await self._retrieval.ground(request, max_tokens, target.rag)
+                body["messages"] = admission.grounding.messages
+        except BaseException:
+            self.end(admission, "rejected")
+            raise
+        return admission
+
+    def end(self, admission: Admission, outcome: str, usage: dict[str, Any] | None = None) -> None:
+        """Release the request's version and record it; only the first call counts."""
+        if admission.ended:
+            return
+        admission.ended = True
+        if admission.lease is not None:
+            admission.lease.release()
+        labels = admission.target.labels
+        self._metrics.requests.labels(*labels, outcome).inc()
+        self._metrics.latency.labels(*labels).observe(time.perf_counter() - admission.started)
+        for kind in ("prompt", "completion"):
+            count = (usage or {}).get(f"{kind}_tokens")
+            if isinstance(count, int):
+                self._metrics.tokens.labels(*labels, kind).inc(count)
+
+    def _check_limits(self, request: ChatCompletionRequest) -> None:
         s = self._settings
         if len(request.messages) > s.max_messages:
             raise LimitExceeded(
@@ -71,29 +125,23 @@ class ChatService:
         if request.n is not None and request.n > s.max_n:
             raise LimitExceeded(f"n={request.n} is more than the limit of {s.max_n} (LORAG_MAX_N)", param="n")
 
-        body = request.model_dump(exclude_unset=True, exclude={"rag"})
-        body["model"] = self._catalog.resolve(request.model)
-        if request.max_tokens is None and request.max_completion_tokens is None:
-            body["max_tokens"] = s.max_tokens
-        if not self._retrieval.wanted(request):
-            return Admission(body)
-        max_tokens = body.get("max_completion_tokens") or body["max_tokens"]
-        grounding = await self._retrieval.ground(request, max_tokens)
-        body["messages"] = grounding.messages
-        return Admission(body, grounding)
-
     async def complete(self, admission: Admission) -> dict[str, Any]:
-        response = await self._send(admission.body, stream=False)
+        outcome, answer = "error", None
         try:
-            await response.aread()
-        except httpx.HTTPError as exc:
-            raise EngineError(f"the engine broke off the response: {exc}") from exc
+            response = await self._send(admission, stream=False)
+            try:
+                await response.aread()
+            except httpx.HTTPError as exc:
+                raise EngineError(f"the engine broke off the response: {exc}") from exc
+            finally:
+                await response.aclose()
+            try:
+                answer = response.json()
+            except ValueError as exc:
+                raise EngineError(f"the engine answered with something that is not JSON: {exc}") from exc
+            outcome = "ok"
         finally:
-            await response.aclose()
-        try:
-            answer = response.json()
-        except ValueError as exc:
-            raise EngineError(f"the engine answered with something that is not JSON: {exc}") from exc
+            self.end(admission, outcome, answer.get("usage") if answer else None)
         if admission.grounding is not None:
             answer["citations"] = admission.grounding.citations
             answer["rag"] = admission.grounding.summary
@@ -101,13 +149,18 @@ class ChatService:
 
     async def open_stream(self, admission: Admission) -> AsyncIterator[bytes]:
         """Start the engine's stream; errors before the first byte still become a plain HTTP error."""
-        response = await self._send(admission.body, stream=True)
-        return self._relay(response, admission.grounding)
+        try:
+            response = await self._send(admission, stream=True)
+        except BaseException:
+            self.end(admission, "error")
+            raise
+        return self._relay(response, admission)
 
-    async def _send(self, body: dict[str, Any], stream: bool) -> httpx.Response:
-        engine = self._engines.pick()
+    async def _send(self, admission: Admission, stream: bool) -> httpx.Response:
+        target = admission.target
+        engine = self._engines.pick(target.served if target.version else None)
         request = self._http.build_request(
-            "POST", f"{engine.url}/v1/chat/completions", json=body, timeout=self._timeout()
+            "POST", f"{engine.url}/v1/chat/completions", json=admission.body, timeout=self._timeout()
         )
         try:
             response = await self._http.send(request, stream=True)
@@ -129,14 +182,18 @@ class ChatService:
             raise _engine_failure(engine, response)
         return response
 
-    async def _relay(self, response: httpx.Response, grounding: Grounding | None) -> AsyncIterator[bytes]:
+    async def _relay(self, response: httpx.Response, admission: Admission) -> AsyncIterator[bytes]:
         """Re-emit the engine's SSE events whole; a broken stream ends with an error event and [DONE].
 
         With retrieval, one more chunk (no choices; `citations` and `rag`) goes just before [DONE].
+        The usage chunk (always asked for, for the metrics) is passed on only if the client asked.
         """
+        grounding = admission.grounding
         event: list[str] = []
         done = False
         head: dict[str, Any] | None = None  # id, created, model of the stream, for the citations chunk
+        usage: dict[str, Any] | None = None
+        outcome = "cancelled"  # unless it completes or breaks: the client went away
         try:
             async for line in response.aiter_lines():
                 if line:
@@ -151,6 +208,10 @@ class ChatService:
                 if head is None and grounding is not None and frame.startswith("data: {"):
                     first = json.loads(frame[len("data: "):])
                     head = {k: first.get(k) for k in ("id", "created", "model")}
+                if '"choices":[]' in frame and '"usage"' in frame:
+                    usage = json.loads(frame[len("data: "):]).get("usage")
+                    if not admission.wants_usage:
+                        continue
                 yield f"{frame}\n\n".encode()
             if not done:
                 raise EngineError("the engine ended the stream before it was complete")
@@ -158,13 +219,17 @@ class ChatService:
                 chunk = {**(head or {}), "object": "chat.completion.chunk", "choices": [],
                          "citations": grounding.citations, "rag": grounding.summary}
                 yield f"data: {json.dumps(chunk)}\n\n".encode()
+            outcome = "ok"
         except Exception as exc:  # whatever broke, the client gets a whole error frame and [DONE]
             message = exc.message if isinstance(exc, LoragError) else f"the engine stream broke: {exc!r}"
+            outcome = "error"
             log.warning("stream aborted: %s", message)
             error = envelope(message, "engine_error", code="engine_stream_broken")
             yield f"data: {json.dumps(error)}\n\n".encode()
         finally:
             await response.aclose()
+            # Also reached when the client goes away (the generator is closed): the version is released.
+            self.end(admission, outcome, usage)
         yield _DONE
 
     def _timeout(self) -> httpx.Timeout:

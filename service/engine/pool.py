@@ -1,11 +1,17 @@
-"""The engines the gateway sends requests to, and whether each one is answering."""
+"""The engines the gateway sends requests to, and whether each one is ready for traffic.
+
+An engine is up when it answers /health *and* its adapters have been brought to the
+registry's desired state (the `sync` hook): a restarted replica takes no request
+before it has its adapters back.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import itertools
 import logging
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -17,26 +23,34 @@ log = logging.getLogger("lorag.engine")
 _PROBE_INTERVAL_S = 5.0
 
 
-@dataclass
+@dataclass(eq=False)
 class Engine:
     name: str
     url: str | None
     up: bool = False
+    # Served names of the adapters loaded on it, as last seen or changed by the gateway.
+    loaded: set[str] = field(default_factory=set)
+    # Serialises adapter loads and unloads on this engine (vLLM answers 400 to a double load).
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+
+Sync = Callable[[Engine], Awaitable[None]]
 
 
 class EnginePool:
     """Round-robin over the engines that are up.
 
-    Embedded mode: one engine whose URL and state come from the supervisor.
-    External mode: the `LORAG_ENGINE_URLS` servers, probed on /health in the background.
+    Embedded mode: one engine whose URL and liveness come from the supervisor.
+    External mode: the `LORAG_ENGINE_URLS` servers. Both are probed in the background.
     """
 
     def __init__(self, http: httpx.AsyncClient, urls: list[str] | None = None, supervisor: EngineSupervisor | None = None):
         self._http = http
         self._supervisor = supervisor
-        self._external = [Engine(f"engine-{i}", url) for i, url in enumerate(urls or [])]
+        self._engines = [Engine(f"engine-{i}", url) for i, url in enumerate(urls or [None])]
         self._turn = itertools.count()
         self._prober: asyncio.Task | None = None
+        self._sync: Sync | None = None
 
     @classmethod
     def embedded(cls, http: httpx.AsyncClient, supervisor: EngineSupervisor) -> EnginePool:
@@ -49,15 +63,22 @@ class EnginePool:
     @property
     def engines(self) -> list[Engine]:
         if self._supervisor is not None:
-            return [Engine("engine-0", self._supervisor.url, self._supervisor.ready)]
-        return self._external
+            engine = self._engines[0]
+            if engine.url != self._supervisor.url or not self._supervisor.ready:
+                engine.up = False  # a new process (or none): nothing is known about it yet
+            engine.url = self._supervisor.url
+        return self._engines
+
+    def set_sync(self, sync: Sync) -> None:
+        """The hook that brings an engine's adapters to the desired state; run before it counts as up."""
+        self._sync = sync
 
     async def start(self) -> None:
         if self._supervisor is not None:
             await self._supervisor.start()
         else:
             await self.probe()
-            self._prober = asyncio.create_task(self._probe_forever(), name="engine-prober")
+        self._prober = asyncio.create_task(self._probe_forever(), name="engine-prober")
 
     async def stop(self) -> None:
         if self._prober:
@@ -65,28 +86,40 @@ class EnginePool:
         if self._supervisor is not None:
             await self._supervisor.stop()
 
-    def pick(self) -> Engine:
-        """The next engine that is up; EngineUnavailable when none is."""
-        engines = [e for e in self.engines if e.up and e.url]
+    def pick(self, model: str | None = None) -> Engine:
+        """The next engine that is up (and, for an adapter, has it loaded); EngineUnavailable if none."""
+        engines = [e for e in self.engines if e.up and e.url and (model is None or model in e.loaded)]
         if not engines:
+            if model is not None and any(e.up for e in self.engines):
+                raise EngineUnavailable(f"{model} is not loaded on any engine yet; retry shortly")
             raise EngineUnavailable()
         return engines[next(self._turn) % len(engines)]
 
+    def up(self) -> list[Engine]:
+        return [e for e in self.engines if e.up and e.url]
+
     def mark_down(self, engine: Engine) -> None:
-        # A connection failure in external mode takes the engine out until the next probe.
-        for e in self._external:
-            if e.url == engine.url:
-                e.up = False
+        # A connection failure takes the engine out until a probe finds it healthy and synced again.
+        engine.up = False
 
     async def probe(self) -> list[Engine]:
-        """Ask every engine's /health now; returns the engines with fresh states."""
+        """Check every engine now (health, then adapter sync); returns the engines with fresh states."""
         engines = self.engines
-        results = await asyncio.gather(*(self._healthy(e) for e in engines))
-        for engine, healthy in zip(engines, results):
-            if engine in self._external and engine.up != healthy:
-                log.warning("engine %s (%s) is %s", engine.name, engine.url, "up" if healthy else "down")
-            engine.up = healthy
+        await asyncio.gather(*(self._check(e) for e in engines))
         return engines
+
+    async def _check(self, engine: Engine) -> None:
+        was_up = engine.up
+        up = await self._healthy(engine)
+        if up and self._sync is not None:
+            try:
+                await self._sync(engine)
+            except Exception as exc:
+                log.warning("engine %s answers but its adapters could not be synced: %s", engine.name, exc)
+                up = False
+        engine.up = up
+        if was_up != up and self._supervisor is None:
+            log.warning("engine %s (%s) is %s", engine.name, engine.url, "up" if up else "down")
 
     async def _healthy(self, engine: Engine) -> bool:
         if not engine.url or (self._supervisor is not None and not self._supervisor.ready):
@@ -100,4 +133,7 @@ class EnginePool:
     async def _probe_forever(self) -> None:
         while True:
             await asyncio.sleep(_PROBE_INTERVAL_S)
-            await self.probe()
+            try:
+                await self.probe()
+            except Exception:
+                log.exception("engine probe failed")

@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import httpx
 
@@ -58,8 +58,10 @@ class EngineSupervisor:
         http: httpx.AsyncClient,
         startup_timeout_s: float,
         backoff_max_s: float,
+        on_ready: Callable[[], Awaitable[object]] | None = None,
     ):
         self._spec = spec
+        self._on_ready = on_ready
         self._http = http
         self._startup_timeout_s = startup_timeout_s
         self._backoff_max_s = backoff_max_s
@@ -117,6 +119,8 @@ class EngineSupervisor:
                 if await self._until_ready(spec):
                     log.info("engine ready at %s after %.0f s (pid %d)", self.url, time.monotonic() - started, self.pid)
                     self._ready.set()
+                    if self._on_ready is not None:
+                        await self._on_ready()  # e.g. load the adapters before traffic comes
                     await self._exited()
                     backoff = 1.0  # it ran fine for a while: a fresh crash starts the backoff over
                     log.error("engine exited with code %s; last output:\n%s", self._proc.returncode, self._last_output())

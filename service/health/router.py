@@ -3,11 +3,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from service.dependencies import get_engines
+from service.dependencies import get_engines, get_metrics
 from service.engine.pool import EnginePool
 from service.errors import envelope
+from service.metrics import Metrics
 
 router = APIRouter(tags=["health"])
 
@@ -26,3 +28,9 @@ async def readyz(engines: Annotated[EnginePool, Depends(get_engines)]) -> JSONRe
         return JSONResponse({"status": "ready", "engines": states})
     body = envelope("no engine is ready", "engine_unavailable", code="engine_unavailable")
     return JSONResponse({**body, "status": "not ready", "engines": states}, status_code=503)
+
+
+@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(registry: Annotated[Metrics, Depends(get_metrics)]) -> Response:
+    """Prometheus metrics: requests, tokens and latency per adapter version; adapter load times."""
+    return Response(registry.exposition(), media_type=CONTENT_TYPE_LATEST)

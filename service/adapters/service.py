@@ -1,0 +1,331 @@
+"""The adapter lifecycle: upload with validation and a canary, activation (hot-swap), rollback,
+deletion, and keeping every engine in the registry's desired state.
+
+Hot-swap, in order: load the new version (under its own `name@version`) on every engine
+that is up, flip the alias, then unload the old version once no request holds it. A
+failed load leaves the old version serving. Engines that are down get the new state from
+`sync` before they take traffic again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from anyio import to_thread
+
+from service.adapters.archive import copy_folder, unpack
+from service.adapters.inspection import BaseModelInfo, inspect_adapter
+from service.adapters.leases import Lease, Leases
+from service.adapters.registry import VERSION_CHARS, Adapter, Registry, Version, check_name
+from service.engine.lora import EngineCallFailed, LoraEndpoints
+from service.engine.pool import Engine, EnginePool
+from service.errors import ActivationFailed, AdapterConflict, AdapterRejected, EngineUnavailable, InvalidRequest
+from service.metrics import Metrics
+from service.models.catalog import Target
+from service.settings import Settings
+
+log = logging.getLogger("lorag.adapters")
+
+# The canary compares greedy continuations of these with and without the adapter.
+_CANARY_PROMPTS = ("The", "Hello, how are you today?")
+_CANARY_TOKENS = 8
+# Log-probability difference below which a token counts as unchanged (batching noise is ~1e-6).
+_CANARY_TOLERANCE = 1e-3
+
+
+class AdapterService:
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        engines: EnginePool,
+        lora: LoraEndpoints,
+        base: BaseModelInfo | None,
+        metrics: Metrics,
+    ):
+        self._settings = settings
+        self._registry = registry
+        self._engines = engines
+        self._lora = lora
+        self._base = base
+        self._metrics = metrics
+        self.leases = Leases()
+        self._changing = asyncio.Lock()  # one activation, upload or delete at a time
+        self._retiring: set[asyncio.Task] = set()
+
+    @property
+    def registry(self) -> Registry:
+        return self._registry
+
+    async def close(self) -> None:
+        for task in self._retiring:
+            task.cancel()
+
+    # Requests
+
+    def hold(self, target: Target) -> Lease | None:
+        return self.leases.acquire(target.served) if target.version else None
+
+    async def ensure_loaded(self, target: Target) -> None:
+        """Make sure every engine that is up has the target (a pinned, inactive version may not)."""
+        if target.version is None:
+            return
+        missing = [e for e in self._engines.up() if target.served not in e.loaded]
+        if missing:
+            failures = await self._load_on(missing, target.version)
+            if len(failures) == len(missing):
+                raise EngineUnavailable(f"{target.served} could not be loaded: {'; '.join(failures)}")
+
+    # Lifecycle
+
+    async def upload(
+        self, name: str, archive: bytes | None, path: str | None, activate: bool
+    ) -> tuple[Version, bool, dict | None]:
+        """Validate, canary-check and register a version; (version, created, activation report)."""
+        check_name(name)
+        if name == self._settings.served_model_name:
+            raise InvalidRequest(f"{name!r} is the base model's name; pick another adapter name", param="name")
+        if (archive is None) == (path is None):
+            raise InvalidRequest("send exactly one of: an archive file, or a path inside the adapters root")
+        if self._base is None:
+            raise EngineUnavailable(
+                f"adapters cannot be validated: the base model's weights are not readable at "
+                f"{self._settings.model_path} (set LORAG_MODEL to a local copy of the served model)"
+            )
+        staged = self._registry.root / ".staging" / uuid.uuid4().hex
+        limit = self._settings.max_upload_bytes
+        try:
+            if archive is not None:
+                await to_thread.run_sync(unpack, archive, staged, limit)
+            else:
+                await to_thread.run_sync(copy_folder, self._inside_root(path), staged, limit)
+            facts = await to_thread.run_sync(inspect_adapter, staged, self._base, self._settings.engine_max_lora_rank)
+            async with self._changing:
+                existing = self._registry.find(name)
+                if existing is None or facts.content_hash[:VERSION_CHARS] not in existing.versions:
+                    await self._canary(f"{name}@{facts.content_hash[:VERSION_CHARS]}", staged)
+                version, created = self._registry.add(name, facts, staged)
+                log.info("adapter %s %s", version.served, "registered" if created else "already registered")
+                report = await self._activate(version) if activate else None
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
+        return version, created, report
+
+    async def activate(self, name: str, version: str) -> dict[str, Any]:
+        target = self._registry.version(name, version)
+        async with self._changing:
+            return await self._activate(target)
+
+    async def _activate(self, target: Version) -> dict[str, Any]:
+        started = time.perf_counter()
+        name = target.name
+        previous = self._registry.get(name).active
+        if previous == target.version:
+            return self._report(target, previous, started, changed=False)
+        with self.leases.acquire(target.served):  # desired while it loads: sync must not unload it
+            failures = await self._load_on(self._engines.up(), target)
+            if failures:
+                self._retire(target.served)
+                raise ActivationFailed(
+                    f"{target.served} was not activated, {name}@{previous or '-'} keeps serving: "
+                    + "; ".join(failures)
+                )
+            self._registry.set_active(name, target.version)
+        log.info("adapter %s active (was %s)", target.served, previous or "none")
+        if previous:
+            self._retire(f"{name}@{previous}")
+        return self._report(target, previous, started, changed=True)
+
+    async def rollback(self, name: str) -> dict[str, Any]:
+        previous = self._registry.previous(name)
+        if previous is None:
+            raise AdapterConflict(f"adapter {name!r} has no earlier version to roll back to", code="no_previous_version")
+        return await self.activate(name, previous)
+
+    async def delete_version(self, name: str, version: str) -> Version:
+        async with self._changing:
+            found = self._registry.version(name, version)
+            self._refuse_if_held(found)
+            removed = self._registry.remove_version(name, version)
+        await self._unload_everywhere(removed.served)
+        self._metrics.forget(name, version)
+        return removed
+
+    async def delete(self, name: str) -> None:
+        async with self._changing:
+            adapter = self._registry.get(name)
+            for version in adapter.versions.values():
+                self._refuse_if_held(version)
+            self._registry.remove(name)
+        for version in adapter.versions.values():
+            await self._unload_everywhere(version.served)
+            self._metrics.forget(name, version.version)
+
+    # Desired state
+
+    def desired(self) -> set[str]:
+        return {v.served for v in self._registry.active()} | self.leases.held()
+
+    async def sync(self, engine: Engine) -> None:
+        """Bring one engine to the desired state: load what is missing, unload strays.
+
+        Raises only when the engine cannot be asked (it is then not up); an adapter that
+        fails to load is logged and left out, so one bad file cannot take the engine down.
+        """
+        async with engine.lock:
+            engine.loaded = await self._lora.loaded(engine)
+        for served in self.desired() - engine.loaded:
+            version = self._by_served(served)
+            if version is not None:
+                failures = await self._load_on([engine], version)
+                for failure in failures:
+                    log.error("sync: %s", failure)
+        for served in engine.loaded - self.desired():
+            await self._unload(engine, served)
+
+    def describe(self, adapter: Adapter) -> dict[str, Any]:
+        versions = sorted(adapter.versions.values(), key=lambda v: v.created)
+        return {"name": adapter.name, "active": adapter.active, "created": adapter.created,
+                "versions": [self.describe_version(v) for v in versions]}
+
+    def describe_version(self, version: Version) -> dict[str, Any]:
+        """A version's facts, whether it is active, where it is loaded, how many requests hold it."""
+        adapter = self._registry.find(version.name)
+        return {
+            **version.facts,
+            "version": version.version,
+            "served_name": version.served,
+            "active": adapter is not None and adapter.active == version.version,
+            "created": version.created,
+            "engines": {e.name: version.served in e.loaded for e in self._engines.engines},
+            "in_flight": self.leases.count(version.served),
+        }
+
+    # Internals
+
+    async def _load_on(self, engines: list[Engine], version: Version) -> list[str]:
+        """Load a version on each engine (concurrently); the failures, one message per engine."""
+
+        async def load(engine: Engine) -> str | None:
+            async with engine.lock:
+                if version.served in engine.loaded:
+                    return None
+                started = time.perf_counter()
+                try:
+                    await self._lora.load(engine, version.served, str(version.path.resolve()))
+                except EngineCallFailed as exc:
+                    return str(exc)
+                self._metrics.adapter_load.labels(version.name, version.version).observe(time.perf_counter() - started)
+                return None
+
+        results = await asyncio.gather(*(load(e) for e in engines))
+        return [r for r in results if r is not None]
+
+    async def _unload(self, engine: Engine, served: str) -> None:
+        async with engine.lock:
+            if served in self.desired():  # re-checked under the lock: a request may have pinned it
+                return
+            try:
+                await self._lora.unload(engine, served)
+            except EngineCallFailed as exc:
+                log.warning("could not unload %s: %s", served, exc)
+
+    async def _unload_everywhere(self, served: str) -> None:
+        await asyncio.gather(*(self._unload(e, served) for e in self._engines.engines if served in e.loaded))
+
+    def _retire(self, served: str) -> None:
+        """Unload a version that stopped being active, once no request holds it."""
+
+        async def retire() -> None:
+            await self.leases.idle(served)
+            await self._unload_everywhere(served)
+
+        task = asyncio.create_task(retire(), name=f"retire-{served}")
+        self._retiring.add(task)
+        task.add_done_callback(self._retiring.discard)
+
+    def _refuse_if_held(self, version: Version) -> None:
+        held = self.leases.count(version.served)
+        if held:
+            raise AdapterConflict(
+                f"{version.served} is held by {held} request(s) in flight; retry when they have finished",
+                code="version_in_use",
+            )
+
+    def _by_served(self, served: str) -> Version | None:
+        name, _, version = served.partition("@")
+        adapter = self._registry.find(name)
+        return adapter.versions.get(version) if adapter else None
+
+    def _inside_root(self, path: str) -> Path:
+        root = self._registry.root.resolve()
+        candidate = (root / path).resolve()
+        if not candidate.is_relative_to(root) or candidate == root:
+            raise InvalidRequest(
+                f"path {path!r} is not inside the adapters root {root}; copy the adapter folder there first",
+                param="path",
+            )
+        if not candidate.is_dir():
+            raise InvalidRequest(f"path {path!r} is not a folder inside the adapters root", param="path")
+        return candidate
+
+    async def _canary(self, served: str, folder: Path) -> None:
+        """Load the candidate on one engine and check that it changes the base model's output."""
+        engine = self._engines.pick()
+        lease = self.leases.acquire(served)
+        try:
+            async with engine.lock:
+                try:
+                    await self._lora.load(engine, served, str(folder.resolve()))
+                except EngineCallFailed as exc:
+                    raise AdapterRejected(f"the engine could not load the adapter: {exc}", code="canary_load_failed")
+            try:
+                changed = False
+                for prompt in _CANARY_PROMPTS:
+                    base = await self._lora.complete(engine, self._settings.served_model_name, prompt, _CANARY_TOKENS)
+                    tuned = await self._lora.complete(engine, served, prompt, _CANARY_TOKENS)
+                    if _differs(base, tuned):
+                        changed = True
+                        break
+            except EngineCallFailed as exc:
+                raise AdapterRejected(f"the canary request failed: {exc}", code="canary_failed")
+            if not changed:
+                raise AdapterRejected(
+                    "the adapter does not change the base model's output (its LoRA B matrices are probably "
+                    "still zero: was it trained?)",
+                    code="canary_no_change",
+                )
+        finally:
+            lease.release()
+            # The staged folder goes away after this; the version is loaded again from its final path.
+            async with engine.lock:
+                try:
+                    await self._lora.unload(engine, served)
+                except EngineCallFailed as exc:
+                    log.warning("could not unload canary %s: %s", served, exc)
+
+    def _report(self, target: Version, previous: str | None, started: float, changed: bool) -> dict[str, Any]:
+        return {
+            "adapter": target.name,
+            "active": target.version,
+            "served_name": target.served,
+            "previous": previous,
+            "changed": changed,
+            "engines": {e.name: target.served in e.loaded for e in self._engines.engines},
+            "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
+        }
+
+
+def _differs(base: dict[str, Any], tuned: dict[str, Any]) -> bool:
+    a, b = base["choices"][0], tuned["choices"][0]
+    if a["text"] != b["text"]:
+        return True
+    la = (a.get("logprobs") or {}).get("token_logprobs") or []
+    lb = (b.get("logprobs") or {}).get("token_logprobs") or []
+    return any(abs((x or 0.0) - (y or 0.0)) > _CANARY_TOLERANCE for x, y in zip(la, lb))

@@ -1,0 +1,257 @@
+"""Adapter registry and hot-swap through the session's real gateway and vLLM engine."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import shutil
+import tarfile
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.adapters.inspection import fingerprint
+from tests.adapters import make_adapter, pack
+from tests.conftest import MODEL_NAME
+from tests.sse import sse_payloads
+from training.demo.base import build_base
+
+PROMPT = [{"role": "user", "content": "When does the pilotage fee change?"}]
+
+
+@pytest.fixture(scope="module")
+def made(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Real peft adapters: two good versions, and one of every kind the registry must refuse."""
+    root = tmp_path_factory.mktemp("adapters")
+    out = {
+        "v1": make_adapter(tiny_model, root / "v1", seed=1),
+        "v2": make_adapter(tiny_model, root / "v2", seed=2),
+        "noop": make_adapter(tiny_model, root / "noop", nonzero=False),
+        "rank16": make_adapter(tiny_model, root / "rank16", rank=16, seed=3),
+    }
+    other = build_base(tmp_path_factory.mktemp("models") / "other", variant="tiny", seed=1)
+    out["other_base"] = make_adapter(other, root / "other_base", seed=4)
+    (out["other_base"] / "lorag.json").write_text(json.dumps({"base_fingerprint": fingerprint(other)}))
+    out["pickle"] = shutil.copytree(out["v1"], root / "pickle")
+    (out["pickle"] / "adapter_model.bin").write_bytes(b"\x80\x04K\x01.")
+    out["corrupt"] = shutil.copytree(out["v1"], root / "corrupt")
+    weights = out["corrupt"] / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    out["no_such_module"] = shutil.copytree(out["v1"], root / "no_such_module")
+    config = out["no_such_module"] / "adapter_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "target_modules": ["no_such_proj"]}))
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def clean_registry(gateway):
+    """The gateway is shared: leave it with no adapters, as other modules expect."""
+    yield
+    for adapter in httpx.get(f"{gateway.url}/v1/adapters").json()["data"]:
+        assert httpx.delete(f"{gateway.url}/v1/adapters/{adapter['name']}").status_code == 200
+
+
+def url(gateway, path: str) -> str:
+    return f"{gateway.url}{path}"
+
+
+def upload(gateway, name: str, archive: bytes, **params) -> httpx.Response:
+    return httpx.post(url(gateway, f"/v1/adapters/{name}/versions"), params=params,
+                      files={"file": ("adapter.tar.gz", archive)}, timeout=120)
+
+
+def uploaded(gateway, name: str, folder: Path, **params) -> str:
+    response = upload(gateway, name, pack(folder), **params)
+    assert response.status_code == 201, response.text
+    return response.json()["version"]["version"]
+
+
+def chat(gateway, model: str, **extra) -> httpx.Response:
+    body = {"model": model, "messages": PROMPT, "max_tokens": 6, "temperature": 0, **extra}
+    return httpx.post(url(gateway, "/v1/chat/completions"), json=body, timeout=60)
+
+
+def answer(gateway, model: str, **extra) -> tuple[str, str]:
+    response = chat(gateway, model, **extra)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return body["model"], body["choices"][0]["message"]["content"]
+
+
+def engine_adapters(gateway) -> set[str]:
+    models = httpx.get(f"{gateway.engine_url()}/v1/models", timeout=10).json()["data"]
+    return {m["id"] for m in models if m.get("parent")}
+
+
+def error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    return response.json()["error"]
+
+
+def test_upload_activate_route_roll_back_and_delete(gateway, made):
+    v1 = uploaded(gateway, "legal", made["v1"])
+    assert upload(gateway, "legal", pack(made["v1"], "zip")).json()["status"] == "unchanged"  # same files
+    assert error(chat(gateway, "legal"), 409)["code"] == "no_active_version"  # nothing active yet
+    assert httpx.post(url(gateway, "/v1/adapters/legal/activate"), json={"version": v1}).status_code == 200
+
+    response = upload(gateway, "legal", pack(made["v2"]), activate="true")
+    assert response.status_code == 201, response.text
+    v2 = response.json()["activation"]["active"]
+    assert v2 == response.json()["version"]["version"] != v1
+
+    base_text = answer(gateway, MODEL_NAME)[1]
+    served, text = answer(gateway, "legal")
+    assert served == f"legal@{v2}"
+    assert (served, text) == answer(gateway, f"legal@{v2}")
+    pinned, pinned_text = answer(gateway, f"legal@{v1}")  # a pinned, inactive version still answers
+    assert pinned == f"legal@{v1}"
+    assert len({base_text, text, pinned_text}) == 3  # base, v1 and v2 really answer differently
+
+    ids = [m["id"] for m in httpx.get(url(gateway, "/v1/models")).json()["data"]]
+    assert {"legal", f"legal@{v1}", f"legal@{v2}"} <= set(ids)
+    unknown = error(chat(gateway, "legal@000000000000"), 404)
+    assert unknown["code"] == "model_not_found" and f"legal@{v2}" in unknown["message"]
+
+    back = httpx.post(url(gateway, "/v1/adapters/legal/rollback"))
+    assert back.status_code == 200, back.text
+    assert (back.json()["active"], back.json()["previous"]) == (v1, v2)
+    assert answer(gateway, "legal") == (f"legal@{v1}", pinned_text)
+
+    assert error(httpx.delete(url(gateway, f"/v1/adapters/legal/versions/{v1}")), 409)["code"] == "version_active"
+    assert httpx.delete(url(gateway, f"/v1/adapters/legal/versions/{v2}")).status_code == 200
+    assert error(chat(gateway, f"legal@{v2}"), 404)["code"] == "model_not_found"
+    state = httpx.get(url(gateway, "/v1/adapters/legal")).json()
+    assert state["active"] == v1 and [v["version"] for v in state["versions"]] == [v1]
+    assert state["versions"][0]["engines"] == {"engine-0": True}
+    assert f"legal@{v2}" not in engine_adapters(gateway)
+
+    metrics = httpx.get(url(gateway, "/metrics")).text
+    assert f'lorag_chat_requests_total{{adapter="legal",outcome="ok",version="{v1}"}}' in metrics
+    assert f'version="{v2}"' not in metrics  # a deleted version's series are gone
+    assert 'lorag_adapter_load_seconds_count{adapter="legal"' in metrics
+
+
+def _tar(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as archive:
+        for info, data in members:
+            archive.addfile(info, io.BytesIO(data) if data else None)
+    return buf.getvalue()
+
+
+def _member(name: str, data: bytes = b"", kind: bytes = tarfile.REGTYPE, link: str = "") -> tuple:
+    info = tarfile.TarInfo(name)
+    info.size, info.type, info.linkname = len(data), kind, link
+    return info, data
+
+
+def test_every_bad_adapter_is_refused_while_good_traffic_flows(gateway, made):
+    version = uploaded(gateway, "steady", made["v1"], activate="true")
+    config = (made["v1"] / "adapter_config.json").read_bytes()
+    bad = {
+        "pickle_file": pack(made["pickle"]),
+        "corrupt_safetensors": pack(made["corrupt"]),
+        "base_mismatch": pack(made["other_base"]),
+        "rank_too_high": pack(made["rank16"]),
+        "unknown_target_module": pack(made["no_such_module"]),
+        "unsafe_path": _tar(_member("../adapter_config.json", config)),
+        "link_in_archive": _tar(_member("adapter_config.json", kind=tarfile.SYMTYPE, link="/etc/passwd")),
+        "canary_no_change": pack(made["noop"]),
+        "not_an_archive": b"this is not an archive",
+    }
+    before = httpx.get(url(gateway, "/v1/adapters/steady")).json()
+    loaded_before = engine_adapters(gateway)
+
+    async def run() -> tuple[dict[str, httpx.Response], list[str]]:
+        failures: list[str] = []
+        done = asyncio.Event()
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=60) as client:
+
+            async def traffic() -> None:
+                while not done.is_set():
+                    body = {"model": "steady", "messages": PROMPT, "max_tokens": 4, "stream": True}
+                    response = await client.post("/v1/chat/completions", json=body)
+                    text = response.text
+                    if response.status_code != 200 or '"error"' in text or not text.endswith("data: [DONE]\n\n"):
+                        failures.append(f"{response.status_code}: {text[-300:]}")
+
+            clients = [asyncio.create_task(traffic()) for _ in range(4)]
+            answers = {}
+            for code, archive in bad.items():
+                answers[code] = await client.post("/v1/adapters/bad/versions", files={"file": ("a.tgz", archive)})
+            answers["too_large"] = await client.post(
+                "/v1/adapters/bad/versions", files={"file": ("a.tgz", b"\0" * 1_100_000)}
+            )
+            answers["path_outside_root"] = await client.post("/v1/adapters/bad/versions", data={"path": "../../"})
+            done.set()
+            await asyncio.gather(*clients)
+        return answers, failures
+
+    answers, failures = asyncio.run(run())
+    assert not failures, failures[:3]
+    for code, response in answers.items():
+        if code == "too_large":
+            assert response.status_code == 413, response.text
+        elif code == "path_outside_root":
+            assert response.status_code == 400 and "not inside the adapters root" in response.text
+        else:
+            assert response.status_code == 422, (code, response.text)
+            assert response.json()["error"]["code"] == code, response.text
+    assert error(httpx.get(url(gateway, "/v1/adapters/bad")), 404)["code"] == "adapter_not_found"
+    assert httpx.get(url(gateway, "/v1/adapters/steady")).json() == before
+    assert engine_adapters(gateway) == loaded_before  # no canary or refused upload left anything loaded
+    assert answer(gateway, "steady")[0] == f"steady@{version}"
+
+
+def test_twenty_activations_under_sixteen_streaming_clients_lose_nothing(gateway, made):
+    v1 = uploaded(gateway, "swap", made["v1"], activate="true")
+    v2 = uploaded(gateway, "swap", made["v2"])
+    body = {"messages": PROMPT, "max_tokens": 4, "temperature": 0, "stream": True}
+    # Greedy output identifies the version that produced it.
+    expected = {}
+    for v in (v1, v2):
+        expected[f"swap@{v}"] = answer(gateway, f"swap@{v}", max_tokens=body["max_tokens"])[1]
+    assert expected[f"swap@{v1}"] != expected[f"swap@{v2}"]
+
+    async def run() -> tuple[list[tuple[str, str]], list[str], list[dict]]:
+        served: list[tuple[str, str]] = []
+        failures: list[str] = []
+        reports: list[dict] = []
+        done = asyncio.Event()
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=60,
+                                     limits=httpx.Limits(max_connections=32)) as client:
+
+            async def stream() -> None:
+                while not done.is_set():
+                    response = await client.post("/v1/chat/completions", json={**body, "model": "swap"})
+                    text = response.text
+                    if response.status_code != 200 or '"error"' in text or not text.endswith("data: [DONE]\n\n"):
+                        failures.append(f"{response.status_code}: {text[-300:]}")
+                        continue
+                    chunks = [p for p in sse_payloads(text) if p != "[DONE]"]
+                    models = {c["model"] for c in chunks}
+                    assert len(models) == 1, models
+                    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+                    served.append((models.pop(), content))
+
+            clients = [asyncio.create_task(stream()) for _ in range(16)]
+            await asyncio.sleep(1)
+            for i in range(20):
+                target = v2 if i % 2 == 0 else v1
+                response = await client.post("/v1/adapters/swap/activate", json={"version": target})
+                assert response.status_code == 200, response.text
+                reports.append(response.json())
+                await asyncio.sleep(0.3)
+            done.set()
+            await asyncio.gather(*clients)
+        return served, failures, reports
+
+    served, failures, reports = asyncio.run(run())
+    assert not failures, failures[:3]
+    assert all(r["changed"] for r in reports)
+    assert {model for model, _ in served} == set(expected)  # both versions served during the swaps
+    wrong = [(model, text) for model, text in served if text != expected[model]]
+    assert not wrong, f"{len(wrong)} of {len(served)} answers did not come from their resolved version: {wrong[:3]}"
+    assert httpx.get(url(gateway, "/v1/adapters/swap")).json()["active"] == v1
