@@ -42,9 +42,29 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("--mode", choices=["hybrid", "dense", "keyword"], default="hybrid")
     search.add_argument("--filter", type=json.loads, help='metadata filter as JSON, e.g. \'{"lang": "en"}\'')
 
+    adapters = commands.add_parser("adapters", help="push, list, activate, roll back or delete a running service's adapters")
+    adapters.add_argument("--url", default=os.environ.get("LORAG_URL", "http://127.0.0.1:8000"),
+                          help="the service (LORAG_URL; default http://127.0.0.1:8000)")
+    adapter_commands = adapters.add_subparsers(dest="adapters_command", required=True)
+    push = adapter_commands.add_parser("push", help="upload an adapter folder as a new version (validated, canary-checked)")
+    push.add_argument("folder", type=Path, metavar="DIR", help="holds adapter_config.json, adapter_model.safetensors")
+    push.add_argument("--name", required=True, help="the adapter's name; clients pass it as `model`")
+    push.add_argument("--activate", action="store_true", help="hot-swap to the new version once it is registered")
+    adapter_commands.add_parser("list", help="every version, * marking the active ones")
+    activate = adapter_commands.add_parser("activate", help="hot-swap an adapter to one of its versions")
+    activate.add_argument("name")
+    activate.add_argument("version")
+    rollback = adapter_commands.add_parser("rollback", help="activate the previously active version")
+    rollback.add_argument("name")
+    delete = adapter_commands.add_parser("delete", help="delete a version, or the whole adapter")
+    delete.add_argument("name")
+    delete.add_argument("version", nargs="?")
+
     args = parser.parse_args(argv)
     if args.command == "docs":
         return _docs(args)
+    if args.command == "adapters":
+        return _adapters(args)
     try:
         settings = Settings()
     except ValidationError as exc:
@@ -73,6 +93,43 @@ def _docs(args: argparse.Namespace) -> int:
         return 2
     print(summary(outcomes))
     return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def _adapters(args: argparse.Namespace) -> int:
+    import httpx
+
+    from service.adapters.client import AdapterCommandFailed, AdaptersClient, describe
+
+    client = AdaptersClient(args.url)
+    try:
+        if args.adapters_command == "push":
+            result = client.push(args.folder, args.name, args.activate)
+            version = result["version"]
+            print(f"{version['served_name']} {result['status']}")
+            if result.get("activation"):
+                print(_activation(result["activation"]))
+        elif args.adapters_command == "list":
+            print(describe(client.list()))
+        elif args.adapters_command == "activate":
+            print(_activation(client.activate(args.name, args.version)))
+        elif args.adapters_command == "rollback":
+            print(_activation(client.rollback(args.name)))
+        else:
+            client.delete(args.name, args.version)
+            print(f"deleted {args.name}{'@' + args.version if args.version else ''}")
+    except AdapterCommandFailed as exc:
+        print(f"lorag adapters: {exc}", file=sys.stderr)
+        return 1
+    except httpx.TransportError as exc:
+        print(f"lorag adapters: cannot reach the service at {args.url}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _activation(report: dict) -> str:
+    was = f"{report['adapter']}@{report['previous']}" if report["previous"] else "nothing"
+    verb = "active (was " + was + ")" if report["changed"] else "already active"
+    return f"{report['served_name']} {verb} in {report['elapsed_ms']:.0f} ms"
 
 
 def _demo(settings: Settings, args: list[str]) -> int:

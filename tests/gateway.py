@@ -112,3 +112,57 @@ class Gateway:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+@dataclass
+class Replica:
+    """A bare vLLM server, started the way the gateway starts its own: an engine for external mode."""
+
+    model: Path
+    name: str
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, log_dir: Path) -> Replica:
+        from service.engine.launcher import launch_spec
+        from service.settings import Settings
+
+        spec = launch_spec(Settings(model=self.model, model_name=self.name, engine_max_model_len=1024), self.port)
+        log = (log_dir / f"replica-{self.port}.log").open("ab")
+        self.proc = subprocess.Popen(spec.argv, env=spec.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        return self
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"replica on port {self.port} exited with {self.proc.returncode}"
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"replica on port {self.port} not ready within {timeout} s")
+
+    def adapters(self) -> set[str]:
+        models = httpx.get(f"{self.url}/v1/models", timeout=10).json()["data"]
+        return {m["id"] for m in models if m.get("parent")}
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the replica's whole process group (its EngineCore too) and wait for it."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        for member in live_group_members(self.proc.pid):
+            member.kill()

@@ -6,6 +6,8 @@ import asyncio
 import io
 import json
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -13,6 +15,7 @@ import httpx
 import pytest
 
 from service.adapters.inspection import fingerprint
+from service.engine.launcher import free_port
 from tests.adapters import make_adapter, pack
 from tests.conftest import MODEL_NAME
 from tests.sse import sse_payloads
@@ -255,3 +258,36 @@ def test_twenty_activations_under_sixteen_streaming_clients_lose_nothing(gateway
     wrong = [(model, text) for model, text in served if text != expected[model]]
     assert not wrong, f"{len(wrong)} of {len(served)} answers did not come from their resolved version: {wrong[:3]}"
     assert httpx.get(url(gateway, "/v1/adapters/swap")).json()["active"] == v1
+
+
+def lorag(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_pushes_lists_activates_rolls_back_and_deletes(gateway, made, tmp_path):
+    folder = shutil.copytree(made["v1"], tmp_path / "trained")
+    (folder / "README.md").write_text("peft's model card: not part of the upload")
+    pushed = lorag("adapters", "--url", gateway.url, "push", str(folder), "--name", "cli", "--activate")
+    assert pushed.returncode == 0, pushed.stderr
+    v1 = httpx.get(url(gateway, "/v1/adapters/cli")).json()["active"]
+    assert pushed.stdout.splitlines() == [f"cli@{v1} created", pushed.stdout.splitlines()[1]]
+    assert pushed.stdout.splitlines()[1].startswith(f"cli@{v1} active (was nothing) in ")
+
+    pushed = lorag("adapters", "--url", gateway.url, "push", str(made["v2"]), "--name", "cli")
+    assert pushed.returncode == 0, pushed.stderr
+    v2 = pushed.stdout.split()[0].split("@")[1]
+    listing = lorag("adapters", "--url", gateway.url, "list").stdout
+    assert f"* cli@{v1}" in listing and f"  cli@{v2}" in listing
+
+    assert lorag("adapters", "--url", gateway.url, "activate", "cli", v2).returncode == 0
+    back = lorag("adapters", "--url", gateway.url, "rollback", "cli")
+    assert back.returncode == 0 and back.stdout.startswith(f"cli@{v1} active (was cli@{v2})"), back.stdout
+    assert lorag("adapters", "--url", gateway.url, "delete", "cli", v2).returncode == 0
+
+    refused = lorag("adapters", "--url", gateway.url, "push", str(made["noop"]), "--name", "cli")
+    assert refused.returncode == 1 and "422 (canary_no_change)" in refused.stderr, refused.stderr
+    gone = lorag("adapters", "--url", gateway.url, "activate", "cli", v2)
+    assert gone.returncode == 1 and "404 (adapter_not_found)" in gone.stderr, gone.stderr
+    unreachable = lorag("adapters", "--url", f"http://127.0.0.1:{free_port()}", "list")
+    assert unreachable.returncode == 2 and "cannot reach the service" in unreachable.stderr
+    assert [v["version"] for v in httpx.get(url(gateway, "/v1/adapters/cli")).json()["versions"]] == [v1]

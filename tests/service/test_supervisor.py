@@ -12,6 +12,7 @@ import time
 
 import httpx
 
+from tests.adapters import make_adapter, pack
 from tests.conftest import MODEL_NAME
 from tests.gateway import Gateway
 from tests.sse import sse_payloads
@@ -80,7 +81,12 @@ def _kill_engine_mid_streams(gateway) -> int:
     return broken
 
 
-def test_engine_killed_mid_stream_ends_streams_cleanly_then_recovers(gateway):
+def test_engine_killed_mid_stream_ends_streams_cleanly_then_recovers(gateway, tiny_model, tmp_path):
+    adapter = make_adapter(tiny_model, tmp_path / "survivor")
+    upload = httpx.post(f"{gateway.url}/v1/adapters/survivor/versions", params={"activate": "true"},
+                        files={"file": ("a.tgz", pack(adapter))}, timeout=120)
+    assert upload.status_code == 201, upload.text
+    served = upload.json()["activation"]["served_name"]
     engine = gateway.engine()
     # On a loaded machine every stream can occasionally finish before the kill lands; then the
     # precondition (a stream open at the kill) is missed and the attempt is repeated.
@@ -97,8 +103,15 @@ def test_engine_killed_mid_stream_ends_streams_cleanly_then_recovers(gateway):
     recovered_in = gateway.wait_ready(timeout=120)
     assert recovered_in < 120
     assert gateway.engine().pid != engine.pid
+    # Ready means synced: the new engine had the active adapter before it took traffic.
+    loaded = httpx.get(f"{gateway.engine_url()}/v1/models").json()["data"]
+    assert served in {m["id"] for m in loaded}
     again = httpx.post(f"{gateway.url}/v1/chat/completions", json={**LONG_STREAM, "stream": False, "max_tokens": 2})
     assert again.status_code == 200, again.text
+    pinned = httpx.post(f"{gateway.url}/v1/chat/completions",
+                        json={**LONG_STREAM, "model": "survivor", "stream": False, "max_tokens": 2})
+    assert pinned.status_code == 200 and pinned.json()["model"] == served, pinned.text
+    assert httpx.delete(f"{gateway.url}/v1/adapters/survivor").status_code == 200
 
 
 def test_ctrl_c_stops_the_engine_and_its_workers(tiny_model, tmp_path):
