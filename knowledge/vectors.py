@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 import chromadb
 import numpy as np
 from chromadb.config import Settings as ChromaSettings
-from chromadb.errors import NotFoundError
+from chromadb.errors import InternalError, NotFoundError
 
 from knowledge.settings import KnowledgeSettings
 
@@ -100,7 +100,11 @@ class VectorStore:
     def _call(self, name: str, method: str, **kwargs):
         try:
             return getattr(self.collection(name), method)(**kwargs)
-        except NotFoundError:
+        except (NotFoundError, InternalError) as exc:
+            # A `chroma run` server deleting the collection under a query answers with an
+            # internal error ("Nothing found on disk") rather than NotFound; same meaning.
+            if isinstance(exc, InternalError) and "nothing found on disk" not in str(exc).lower():
+                raise
             with self._lock:
                 self._collections.pop(name, None)
             raise MissingVectors(name) from None

@@ -45,7 +45,9 @@ def test_chat_streaming_sends_whole_sse_chunks_then_done(gateway):
     assert payloads[-1] == "[DONE]"
     chunks = payloads[:-1]
     assert all(c["object"] == "chat.completion.chunk" and c["model"] == MODEL_NAME for c in chunks)
-    tokens = [c for c in chunks if c["choices"] and c["choices"][0]["delta"].get("content")]
+    # One chunk per token after the role chunk; a token that ends mid-UTF-8 character has
+    # empty content (the tiny model's byte-level tokens do that), so chunks are counted, not text.
+    tokens = [c for c in chunks if c["choices"] and "role" not in c["choices"][0]["delta"]]
     assert len(tokens) == 5
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
@@ -65,8 +67,8 @@ def test_official_openai_client_chats_streams_and_lists_models(gateway):
     stream = client.chat.completions.create(
         model=MODEL_NAME, messages=ASK["messages"], max_tokens=4, stream=True, extra_body={"ignore_eos": True}
     )
-    pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
-    assert len(pieces) == 4
+    pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices and not chunk.choices[0].delta.role]
+    assert len(pieces) == 4 and "".join(pieces)
 
 
 def test_openai_client_sees_gateway_errors_as_api_errors(gateway):
