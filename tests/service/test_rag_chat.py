@@ -6,11 +6,14 @@ token ids), decoded with the served model's tokenizer.
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
 from transformers import AutoTokenizer
 
+from tests.adapters import make_adapter, pack
 from tests.conftest import MODEL_NAME
 from tests.sse import sse_payloads
 
@@ -157,3 +160,34 @@ def test_bad_retrieval_requests_get_a_4xx(gateway, kb, rag, extra, status, code)
     assert error["message"]
     if code:
         assert error["code"] == code
+
+
+def test_an_adapter_declares_the_collection_and_settings_it_serves_with(gateway, kb, tokenizer, tiny_model, tmp_path):
+    for name in ("contracts", "other"):
+        assert httpx.post(f"{gateway.url}/v1/collections", json={"name": name}).status_code in (201, 409)
+    kb("contracts", "notice", "Clause 7: the notice period is ninety days.")
+    kb("contracts", "fees", "Clause 9: the annual fee is payable in March.")
+    kb("other", "notice", "The notice board is by the harbour office.")
+    folder = make_adapter(tiny_model, tmp_path / "clerk")
+    (folder / "lorag.json").write_text(json.dumps({"rag": {"collection": "contracts", "top_k": 1}}))
+    upload = httpx.post(f"{gateway.url}/v1/adapters/clerk/versions", params={"activate": "true"},
+                        files={"file": ("clerk.tgz", pack(folder))}, timeout=120)
+    assert upload.status_code == 201, upload.text
+    assert upload.json()["version"]["rag"] == {"collection": "contracts", "top_k": 1}
+    try:
+        question = "What is the notice period?"
+        declared = ask(gateway, question, None, model="clerk")  # no rag object: the adapter's defaults
+        assert "ninety days" in prompt_seen_by_vllm(declared, tokenizer)
+        assert declared.json()["rag"]["collection"] == "contracts"
+        assert [c["doc_id"] for c in declared.json()["citations"]] == ["notice"]  # its top_k: 1
+
+        overridden = ask(gateway, question, {"collection": "other", "top_k": 2}, model="clerk")
+        assert "notice board" in prompt_seen_by_vllm(overridden, tokenizer)
+        assert overridden.json()["rag"]["collection"] == "other"
+
+        off = ask(gateway, question, {"enabled": False}, model="clerk")
+        assert "ninety days" not in prompt_seen_by_vllm(off, tokenizer) and "citations" not in off.json()
+        base = ask(gateway, question, None)  # the base model declares nothing: no retrieval
+        assert "ninety days" not in prompt_seen_by_vllm(base, tokenizer) and "citations" not in base.json()
+    finally:
+        assert httpx.delete(f"{gateway.url}/v1/adapters/clerk").status_code == 200
