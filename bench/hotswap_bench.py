@@ -6,7 +6,7 @@
 One run starts one `lorag serve` (embedded vLLM, the demo model), uploads two versions v1 and v2
 of the adapter `bench` (real peft LoRA adapters, different seeds), activates v1 and warms up.
 A short swap phase (at most 5 s, not recorded) ends the warm-up.
-Then it alternates two phases of the same load, twice each (A B A B), so drift cancels:
+Then it alternates two phases of the same load (A B A B ..., `--rounds` pairs), so drift cancels:
   steady: C streaming clients, each sending one chat request after the other with
           `model: "bench"`, a fixed output length (max_tokens N, ignore_eos);
   swap:   the same load, while one more task activates v2, v1, v2, ... back to back,
@@ -123,34 +123,13 @@ class Load:
                 if response.status_code != 200:
                     req.error = f"{response.status_code}: {(await response.aread())[:300]!r}"
                     return
-                async for line in response.aiter_lines():
+                pending = b""
+                # Split on bytes: a text line reader would also cut at U+2028 and U+0085 inside JSON strings.
+                async for block in response.aiter_bytes():
                     now = time.perf_counter()
-                    if not line:
-                        continue
-                    if req.done:
-                        req.error = f"data after [DONE]: {line[:200]!r}"
-                        continue
-                    if not line.startswith("data: "):
-                        req.error = req.error or f"not a data line: {line[:200]!r}"
-                        continue
-                    data = line[len("data: "):]
-                    if data == "[DONE]":
-                        req.done = True
-                        continue
-                    chunk = json.loads(data)
-                    if "error" in chunk:
-                        req.error = req.error or f"error frame: {data[:300]}"
-                        continue
-                    if req.first_chunk is None:
-                        req.first_chunk = now
-                    if chunk.get("model"):
-                        req.models.add(chunk["model"])
-                        req.model = req.model or chunk["model"]
-                    usage = chunk.get("usage") or {}
-                    count = usage.get("completion_tokens")
-                    if isinstance(count, int) and count > req.completion_tokens:
-                        req.tokens.append((now, count - req.completion_tokens))
-                        req.completion_tokens = count
+                    *frames, pending = (pending + block).split(b"\n\n")
+                    for frame in frames:
+                        self._frame(req, frame.decode(), now)
             if not req.done:
                 req.error = req.error or "stream did not end with data: [DONE]"
             elif req.error is None and req.completion_tokens != self.max_tokens:
@@ -159,6 +138,35 @@ class Load:
             req.error = req.error or f"{exc.__class__.__name__}: {exc}"
         finally:
             req.finished = time.perf_counter()
+
+
+    def _frame(self, req: Request, line: str, now: float) -> None:
+        if not line:
+            return
+        if req.done:
+            req.error = f"data after [DONE]: {line[:200]!r}"
+            return
+        if not line.startswith("data: "):
+            req.error = req.error or f"not a data line: {line[:200]!r}"
+            return
+        data = line[len("data: "):]
+        if data == "[DONE]":
+            req.done = True
+            return
+        chunk = json.loads(data)
+        if "error" in chunk:
+            req.error = req.error or f"error frame: {data[:300]}"
+            return
+        if req.first_chunk is None:
+            req.first_chunk = now
+        if chunk.get("model"):
+            req.models.add(chunk["model"])
+            req.model = req.model or chunk["model"]
+        usage = chunk.get("usage") or {}
+        count = usage.get("completion_tokens")
+        if isinstance(count, int) and count > req.completion_tokens:
+            req.tokens.append((now, count - req.completion_tokens))
+            req.completion_tokens = count
 
 
 class Swapper:
@@ -337,6 +345,9 @@ async def bench(gw: Gateway, model: Path, work: Path, args: argparse.Namespace) 
             served[model] = served.get(model, 0) + n
     summary = {
         "throughput_ratio": round(swap_tps / steady_tps, 3),
+        # Each swap phase over the steady phase just before it: the spread shows the machine's noise.
+        "throughput_ratio_per_round": [round(b["output_tokens_per_s"] / a["output_tokens_per_s"], 3)
+                                       for a, b in zip(phases["steady"], phases["swap"])],
         "steady_output_tokens_per_s": round(steady_tps, 1),
         "swap_output_tokens_per_s": round(swap_tps, 1),
         "failed_requests_steady": sum(p["requests_failed"] for p in phases["steady"]),
@@ -396,9 +407,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--duration", type=float, default=20, help="seconds measured in each phase")
+    parser.add_argument("--duration", type=float, default=15, help="seconds measured in each phase")
     parser.add_argument("--pause", type=float, default=0.5, help="seconds between activations")
-    parser.add_argument("--rounds", type=int, default=2, help="steady+swap pairs (A B A B)")
+    parser.add_argument("--rounds", type=int, default=4, help="steady+swap pairs (A B A B)")
     parser.add_argument("--variant", choices=["demo", "tiny"], default="demo")
     parser.add_argument("--out", type=Path, default=Path("bench/results/hotswap.json"))
     args = parser.parse_args()

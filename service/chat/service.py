@@ -189,30 +189,32 @@ class ChatService:
         The usage chunk (always asked for, for the metrics) is passed on only if the client asked.
         """
         grounding = admission.grounding
-        event: list[str] = []
+        pending = b""
         done = False
         head: dict[str, Any] | None = None  # id, created, model of the stream, for the citations chunk
         usage: dict[str, Any] | None = None
         outcome = "cancelled"  # unless it completes or breaks: the client went away
         try:
-            async for line in response.aiter_lines():
-                if line:
-                    event.append(line)
-                    continue
-                if not event:
-                    continue
-                frame, event = "\n".join(event), []
-                if frame == "data: [DONE]":
-                    done = True
-                    break
-                if head is None and grounding is not None and frame.startswith("data: {"):
-                    first = json.loads(frame[len("data: "):])
-                    head = {k: first.get(k) for k in ("id", "created", "model")}
-                if '"choices":[]' in frame and '"usage"' in frame:
-                    usage = json.loads(frame[len("data: "):]).get("usage")
-                    if not admission.wants_usage:
+            # Frames are split on the bytes b"\n\n", never with a text line reader: those also
+            # break lines at U+2028, U+0085 and the like, which JSON leaves raw inside strings.
+            async for block in response.aiter_bytes():
+                *frames, pending = (pending + block).split(b"\n\n")
+                for frame in frames:
+                    if not frame.strip():
                         continue
-                yield f"{frame}\n\n".encode()
+                    if frame == b"data: [DONE]":
+                        done = True
+                        break
+                    if head is None and grounding is not None and frame.startswith(b"data: {"):
+                        first = json.loads(frame[len(b"data: "):])
+                        head = {k: first.get(k) for k in ("id", "created", "model")}
+                    if b'"choices":[]' in frame and b'"usage"' in frame:
+                        usage = json.loads(frame[len(b"data: "):]).get("usage")
+                        if not admission.wants_usage:
+                            continue
+                    yield frame + b"\n\n"
+                if done:
+                    break
             if not done:
                 raise EngineError("the engine ended the stream before it was complete")
             if grounding is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import psutil
@@ -159,3 +161,18 @@ def test_health_and_readiness(gateway):
     ready = httpx.get(f"{gateway.url}/readyz")
     assert ready.status_code == 200
     assert ready.json()["engines"] == [{"name": "engine-0", "ready": True}]
+
+
+def test_stream_frames_survive_unicode_line_separators_in_the_text(gateway):
+    # vLLM's JSON leaves U+2028, U+2029 and U+0085 raw inside strings; a text line reader would
+    # cut the frame there. vLLM echoes the final assistant message, so the text is exact.
+    text = "one\u2028two\u2029three\u0085four\rfive"
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}],
+            "echo": True, "add_generation_prompt": False, "continue_final_message": True, "max_tokens": 2,
+            "stream": True}
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200
+    frames = response.content.split(b"\n\n")
+    assert frames[-2:] == [b"data: [DONE]", b""]
+    chunks = [json.loads(frame[len(b"data: "):]) for frame in frames[:-2]]  # every frame whole JSON
+    assert text in "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
