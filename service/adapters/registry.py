@@ -21,7 +21,7 @@ from typing import Any
 from service.adapters.inspection import AdapterFacts
 from service.errors import AdapterConflict, AdapterNotFound, InvalidRequest
 
-NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,62}$")
+NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # fullmatch: "$" would let a trailing newline in
 VERSION_CHARS = 12
 
 _SCHEMA = """
@@ -72,7 +72,7 @@ class Adapter:
 
 
 def check_name(name: str) -> str:
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise InvalidRequest(
             f"adapter name {name!r} is not valid: use 1-63 lowercase letters, digits, '.', '_' or '-', "
             "starting with a letter or digit",
@@ -85,6 +85,7 @@ class Registry:
     def __init__(self, db_path: Path, root: Path):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(root / ".staging", ignore_errors=True)  # uploads cut short by a crash
         db_path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")

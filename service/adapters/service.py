@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import lzma
 import shutil
+import tarfile
 import time
 import uuid
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +35,10 @@ from service.models.catalog import Target
 from service.settings import Settings
 
 log = logging.getLogger("lorag.adapters")
+
+# Errors that untrusted archive bytes can raise from the standard library's readers.
+_UNREADABLE = (ValueError, EOFError, IndexError, RecursionError, zlib.error, lzma.LZMAError,
+               tarfile.TarError, zipfile.BadZipFile)
 
 # The canary compares greedy continuations of these with and without the adapter.
 _CANARY_PROMPTS = ("The", "Hello, how are you today?")
@@ -73,13 +81,15 @@ class AdapterService:
         return self.leases.acquire(target.served) if target.version else None
 
     async def ensure_loaded(self, target: Target) -> None:
-        """Make sure every engine that is up has the target (a pinned, inactive version may not)."""
+        """Make sure the engines that are up have the target (a pinned, inactive version may not);
+        EngineUnavailable only when none of them can serve it."""
         if target.version is None:
             return
-        missing = [e for e in self._engines.up() if target.served not in e.loaded]
+        up = self._engines.up()
+        missing = [e for e in up if target.served not in e.loaded]
         if missing:
             failures = await self._load_on(missing, target.version)
-            if len(failures) == len(missing):
+            if not any(target.served in e.loaded for e in up):
                 raise EngineUnavailable(f"{target.served} could not be loaded: {'; '.join(failures)}")
 
     # Lifecycle
@@ -101,15 +111,26 @@ class AdapterService:
         staged = self._registry.root / ".staging" / uuid.uuid4().hex
         limit = self._settings.max_upload_bytes
         try:
-            if archive is not None:
-                await to_thread.run_sync(unpack, archive, staged, limit)
-            else:
-                await to_thread.run_sync(copy_folder, self._inside_root(path), staged, limit)
-            facts = await to_thread.run_sync(inspect_adapter, staged, self._base, self._settings.engine_max_lora_rank)
+            try:
+                if archive is not None:
+                    await to_thread.run_sync(unpack, archive, staged, limit)
+                else:
+                    await to_thread.run_sync(copy_folder, self._inside_root(path), staged, limit)
+                facts = await to_thread.run_sync(
+                    inspect_adapter, staged, self._base, self._settings.engine_max_lora_rank
+                )
+            except _UNREADABLE as exc:
+                # The named checks raise AdapterRejected; these are malformed bytes they did not
+                # foresee (a doubly compressed tar, an entry named ".", JSON nested too deep).
+                raise AdapterRejected(
+                    f"the upload could not be read ({exc.__class__.__name__}: {exc}); send a plain .tar.gz "
+                    "or .zip of the adapter files", code="unreadable_upload"
+                ) from None
             async with self._changing:
                 existing = self._registry.find(name)
                 if existing is None or facts.content_hash[:VERSION_CHARS] not in existing.versions:
-                    await self._canary(f"{name}@{facts.content_hash[:VERSION_CHARS]}", staged)
+                    # Its own engine-side name: the version's name is only ever loaded from its final path.
+                    await self._canary(f"{name}@{facts.content_hash[:VERSION_CHARS]}#canary", staged)
                 version, created = self._registry.add(name, facts, staged)
                 log.info("adapter %s %s", version.served, "registered" if created else "already registered")
                 report = await self._activate(version) if activate else None
@@ -118,9 +139,8 @@ class AdapterService:
         return version, created, report
 
     async def activate(self, name: str, version: str) -> dict[str, Any]:
-        target = self._registry.version(name, version)
-        async with self._changing:
-            return await self._activate(target)
+        async with self._changing:  # resolved inside: a delete may have run while we waited
+            return await self._activate(self._registry.version(name, version))
 
     async def _activate(self, target: Version) -> dict[str, Any]:
         started = time.perf_counter()
@@ -175,17 +195,22 @@ class AdapterService:
     async def sync(self, engine: Engine) -> None:
         """Bring one engine to the desired state: load what is missing, unload strays.
 
-        Raises only when the engine cannot be asked (it is then not up); an adapter that
-        fails to load is logged and left out, so one bad file cannot take the engine down.
+        Raises when the engine cannot be reached (it is then not up). An adapter that the
+        engine refuses is logged and left out, so one bad file cannot take the engine down;
+        its requests get 503 until it loads. Desired state is read again after the loads, so
+        an activation that landed meanwhile is not missed.
         """
         async with engine.lock:
             engine.loaded = await self._lora.loaded(engine)
-        for served in self.desired() - engine.loaded:
-            version = self._by_served(served)
-            if version is not None:
-                failures = await self._load_on([engine], version)
-                for failure in failures:
+        refused: set[str] = set()
+        for _ in range(3):
+            missing = [v for s in self.desired() - engine.loaded - refused if (v := self._by_served(s))]
+            if not missing:
+                break
+            for version in missing:
+                for failure in await self._load_on([engine], version, raise_unreachable=True):
                     log.error("sync: %s", failure)
+                    refused.add(version.served)
         for served in engine.loaded - self.desired():
             await self._unload(engine, served)
 
@@ -209,7 +234,7 @@ class AdapterService:
 
     # Internals
 
-    async def _load_on(self, engines: list[Engine], version: Version) -> list[str]:
+    async def _load_on(self, engines: list[Engine], version: Version, raise_unreachable: bool = False) -> list[str]:
         """Load a version on each engine (concurrently); the failures, one message per engine."""
 
         async def load(engine: Engine) -> str | None:
@@ -220,6 +245,8 @@ class AdapterService:
                 try:
                     await self._lora.load(engine, version.served, str(version.path.resolve()))
                 except EngineCallFailed as exc:
+                    if raise_unreachable and exc.status is None:
+                        raise
                     return str(exc)
                 self._metrics.adapter_load.labels(version.name, version.version).observe(time.perf_counter() - started)
                 return None
@@ -265,13 +292,17 @@ class AdapterService:
 
     def _inside_root(self, path: str) -> Path:
         root = self._registry.root.resolve()
-        candidate = (root / path).resolve()
-        if not candidate.is_relative_to(root) or candidate == root:
+        try:
+            candidate = (root / path).resolve()
+            folder = candidate != root and candidate.is_dir()
+        except (ValueError, OSError) as exc:  # a NUL byte, a name too long, ...
+            raise InvalidRequest(f"path {path[:200]!r} is not usable: {exc}", param="path") from None
+        if not candidate.is_relative_to(root):
             raise InvalidRequest(
                 f"path {path!r} is not inside the adapters root {root}; copy the adapter folder there first",
                 param="path",
             )
-        if not candidate.is_dir():
+        if not folder:
             raise InvalidRequest(f"path {path!r} is not a folder inside the adapters root", param="path")
         return candidate
 

@@ -4,12 +4,28 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from service.chat.schemas import ChatCompletion, ChatCompletionRequest
-from service.chat.service import ChatService
+from service.chat.service import ChatService, Relay
 from service.dependencies import get_chat
 
 router = APIRouter(tags=["chat"])
+
+
+class RelayResponse(StreamingResponse):
+    """Server-sent events relayed from the engine, closed however the response ends
+    (finished, client gone, or never started)."""
+
+    def __init__(self, relay: Relay):
+        super().__init__(relay, media_type="text/event-stream")
+        self._relay = relay
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._relay.close()
 
 
 @router.post(
@@ -23,5 +39,5 @@ async def create_chat_completion(
     """Create a chat completion (OpenAI-compatible); `stream: true` answers with server-sent events."""
     admission = await chat.admit(request)
     if request.stream:
-        return StreamingResponse(await chat.open_stream(admission), media_type="text/event-stream")
+        return RelayResponse(await chat.open_stream(admission))
     return JSONResponse(await chat.complete(admission))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,14 +147,14 @@ class ChatService:
             answer["rag"] = admission.grounding.summary
         return answer
 
-    async def open_stream(self, admission: Admission) -> AsyncIterator[bytes]:
+    async def open_stream(self, admission: Admission) -> Relay:
         """Start the engine's stream; errors before the first byte still become a plain HTTP error."""
         try:
             response = await self._send(admission, stream=True)
         except BaseException:
             self.end(admission, "error")
             raise
-        return self._relay(response, admission)
+        return Relay(self._relay(response, admission), response, lambda: self.end(admission, "cancelled"))
 
     async def _send(self, admission: Admission, stream: bool) -> httpx.Response:
         target = admission.target
@@ -182,7 +182,7 @@ class ChatService:
             raise _engine_failure(engine, response)
         return response
 
-    async def _relay(self, response: httpx.Response, admission: Admission) -> AsyncIterator[bytes]:
+    async def _relay(self, response: httpx.Response, admission: Admission) -> AsyncGenerator[bytes, None]:
         """Re-emit the engine's SSE events whole; a broken stream ends with an error event and [DONE].
 
         With retrieval, one more chunk (no choices; `citations` and `rag`) goes just before [DONE].
@@ -229,13 +229,32 @@ class ChatService:
             error = envelope(message, "engine_error", code="engine_stream_broken")
             yield f"data: {json.dumps(error)}\n\n".encode()
         finally:
-            await response.aclose()
             # Also reached when the client goes away (the generator is closed): the version is released.
             self.end(admission, outcome, usage)
+            await response.aclose()
         yield _DONE
 
     def _timeout(self) -> httpx.Timeout:
         return httpx.Timeout(self._settings.engine_timeout_s, connect=5.0)
+
+
+class Relay:
+    """An open engine stream: iterate it for the client's frames; `close()` must follow, whatever
+    happened. A generator that never started runs no `finally`, so closing it alone would leave the
+    version held and the engine generating for nobody."""
+
+    def __init__(self, frames: AsyncGenerator[bytes, None], response: httpx.Response, end: Callable[[], None]):
+        self._frames = frames
+        self._response = response
+        self._end = end
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._frames
+
+    async def close(self) -> None:
+        await self._frames.aclose()
+        self._end()  # a no-op when the relay already ended the request
+        await self._response.aclose()  # aborts the engine's request if it is still running
 
 
 def _engine_failure(engine: Engine, response: httpx.Response) -> LoragError:

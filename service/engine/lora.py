@@ -16,7 +16,15 @@ _ADMIN_TIMEOUT = httpx.Timeout(120.0, connect=5.0)
 
 
 class EngineCallFailed(Exception):
-    """An adapter call failed on one engine; the message says which and why."""
+    """An adapter call failed on one engine; the message says which and why.
+
+    `status` is the engine's HTTP status, or None when it could not be reached at all.
+    """
+
+    def __init__(self, message: str, status: int | None = None, detail: str = ""):
+        super().__init__(message)
+        self.status = status
+        self.detail = detail
 
 
 class LoraEndpoints:
@@ -32,7 +40,9 @@ class LoraEndpoints:
         try:
             await self._call(engine, "POST", "/v1/load_lora_adapter", {"lora_name": name, "lora_path": path})
         except EngineCallFailed as exc:
-            if "already" not in str(exc):  # loaded by an earlier attempt whose answer we lost
+            # Loaded by an earlier attempt whose answer we lost: a name is one version's content,
+            # always loaded from its one final path, so the loaded copy is this one.
+            if not (exc.status == 400 and f"'{name}' has already been loaded" in exc.detail):
                 raise
         engine.loaded.add(name)
 
@@ -42,7 +52,7 @@ class LoraEndpoints:
         try:
             await self._call(engine, "POST", "/v1/unload_lora_adapter", {"lora_name": name})
         except EngineCallFailed as exc:
-            if "not found" not in str(exc).lower() and "does not exist" not in str(exc).lower():
+            if exc.status != 404:  # 404: not loaded there (any more), which is what we wanted
                 raise
 
     async def complete(self, engine: Engine, model: str, prompt: str, max_tokens: int) -> dict[str, Any]:
@@ -56,7 +66,9 @@ class LoraEndpoints:
         except httpx.HTTPError as exc:
             raise EngineCallFailed(f"{engine.name}: {path} failed: {exc!r}") from exc
         if response.status_code != 200:
-            raise EngineCallFailed(f"{engine.name}: {path} answered {response.status_code}: {response.text[:500]}")
+            detail = response.text[:500]
+            raise EngineCallFailed(f"{engine.name}: {path} answered {response.status_code}: {detail}",
+                                   response.status_code, detail)
         try:
             return response.json() if response.content.strip().startswith(b"{") else {}
         except ValueError:

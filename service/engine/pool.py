@@ -102,6 +102,16 @@ class EnginePool:
         # A connection failure takes the engine out until a probe finds it healthy and synced again.
         engine.up = False
 
+    async def readiness(self) -> list[Engine]:
+        """Engines with fresh states, cheaply: an engine that is up is asked /health again (and
+        taken out if it fails); one that is down waits for the background probe, which syncs it."""
+        engines = self.engines
+        checks = [e for e in engines if e.up]
+        for engine, healthy in zip(checks, await asyncio.gather(*(self._healthy(e) for e in checks))):
+            if not healthy:
+                engine.up = False
+        return engines
+
     async def probe(self) -> list[Engine]:
         """Check every engine now (health, then adapter sync); returns the engines with fresh states."""
         engines = self.engines

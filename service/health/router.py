@@ -22,8 +22,8 @@ async def healthz() -> dict:
 
 @router.get("/readyz", responses={503: {"description": "No engine is answering."}})
 async def readyz(engines: Annotated[EnginePool, Depends(get_engines)]) -> JSONResponse:
-    """Readiness: at least one engine answers its health check right now."""
-    states = [{"name": e.name, "ready": e.up} for e in await engines.probe()]
+    """Readiness: at least one engine answers its health check right now and has its adapters."""
+    states = [{"name": e.name, "ready": e.up} for e in await engines.readiness()]
     if any(s["ready"] for s in states):
         return JSONResponse({"status": "ready", "engines": states})
     body = envelope("no engine is ready", "engine_unavailable", code="engine_unavailable")

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import httpx
@@ -291,3 +294,42 @@ def test_cli_pushes_lists_activates_rolls_back_and_deletes(gateway, made, tmp_pa
     unreachable = lorag("adapters", "--url", f"http://127.0.0.1:{free_port()}", "list")
     assert unreachable.returncode == 2 and "cannot reach the service" in unreachable.stderr
     assert [v["version"] for v in httpx.get(url(gateway, "/v1/adapters/cli")).json()["versions"]] == [v1]
+
+
+def test_malformed_names_paths_and_archives_are_4xx_not_500(gateway, made):
+    assert error(upload(gateway, "legal%0A", pack(made["v1"])), 400)["param"] == "name"  # a trailing newline
+    assert error(upload(gateway, "Upper", pack(made["v1"])), 400)["param"] == "name"
+    nul = httpx.post(url(gateway, "/v1/adapters/odd/versions"), data={"path": "a\x00b"})
+    assert error(nul, 400)["param"] == "path"
+    long = httpx.post(url(gateway, "/v1/adapters/odd/versions"), data={"path": "x" * 5000})
+    assert error(long, 400)["param"] == "path"
+    for archive in (_tar(_member(".", b"x")), _tar(_member("a/./", b"x")), b"\x1f\x8b" + b"\0" * 64):
+        assert error(upload(gateway, "odd", archive), 422)["code"]
+    assert error(httpx.get(url(gateway, "/v1/adapters/odd")), 404)["code"] == "adapter_not_found"
+
+
+def test_a_client_that_leaves_releases_its_version(gateway, made):
+    version = uploaded(gateway, "leaver", made["v1"], activate="true")
+    body = {"model": "leaver", "messages": PROMPT, "max_tokens": 512, "ignore_eos": True, "stream": True}
+
+    def in_flight() -> int:
+        return httpx.get(url(gateway, "/v1/adapters/leaver")).json()["versions"][0]["in_flight"]
+
+    # The tiny model answers faster than a test can leave, so the engine is frozen first:
+    # the request is admitted and waits, holding its version, and the client gives up.
+    engine = gateway.engine().pid
+    os.killpg(engine, signal.SIGSTOP)
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            with httpx.stream("POST", url(gateway, "/v1/chat/completions"), json=body, timeout=2) as response:
+                response.read()
+        assert in_flight() == 1
+    finally:
+        os.killpg(engine, signal.SIGCONT)
+    deadline = time.monotonic() + 15
+    while in_flight():  # the engine answers into a closed connection: the relay stops and lets go
+        assert time.monotonic() < deadline, "the version is still held after the client left"
+        time.sleep(0.1)
+    metrics = httpx.get(url(gateway, "/metrics")).text
+    assert f'lorag_chat_requests_total{{adapter="leaver",outcome="cancelled",version="{version}"}} 1.0' in metrics
+    assert answer(gateway, "leaver")[0] == f"leaver@{version}"
