@@ -108,7 +108,7 @@ def inspect_adapter(folder: Path, base: BaseModelInfo, max_rank: int) -> Adapter
         content_hash=content_hash(files),
         rank=rank,
         alpha=alpha,
-        target_modules=targets,
+        target_modules=sorted(targets),  # peft writes a set: its order varies from run to run
         size_bytes=sum(p.stat().st_size for p in files),
         base_fingerprint=manifest.get("base_fingerprint"),
         training=manifest.get("training"),

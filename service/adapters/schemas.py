@@ -18,7 +18,9 @@ class VersionOut(BaseModel):
     target_modules: list[str]
     size_bytes: int
     content_hash: str
-    base_fingerprint: str | None = Field(description="The base it declares it was trained on (lorag.json).")
+    base_fingerprint: str | None = Field(
+        description="The base model it was validated against (or the one its lorag.json declares)."
+    )
     training: dict[str, Any] | None = Field(description="The training manifest, when the upload had one.")
     eval: dict[str, Any] | None = Field(description="Evaluation results, when the upload had them.")
     rag: dict[str, Any] | None = Field(description="Retrieval defaults the version is meant to serve with.")

@@ -10,6 +10,7 @@ failed load leaves the old version serving. Engines that are down get the new st
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import lzma
 import shutil
@@ -126,6 +127,8 @@ class AdapterService:
                     f"the upload could not be read ({exc.__class__.__name__}: {exc}); send a plain .tar.gz "
                     "or .zip of the adapter files", code="unreadable_upload"
                 ) from None
+            if facts.base_fingerprint is None:  # validated against the served base: record which one
+                facts = dataclasses.replace(facts, base_fingerprint=self._base.fingerprint)
             async with self._changing:
                 existing = self._registry.find(name)
                 if existing is None or facts.content_hash[:VERSION_CHARS] not in existing.versions:

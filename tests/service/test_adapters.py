@@ -96,7 +96,7 @@ def error(response: httpx.Response, status: int) -> dict:
     return response.json()["error"]
 
 
-def test_upload_activate_route_roll_back_and_delete(gateway, made):
+def test_upload_activate_route_roll_back_and_delete(gateway, made, tiny_model):
     v1 = uploaded(gateway, "legal", made["v1"])
     assert upload(gateway, "legal", pack(made["v1"], "zip")).json()["status"] == "unchanged"  # same files
     assert error(chat(gateway, "legal"), 409)["code"] == "no_active_version"  # nothing active yet
@@ -131,6 +131,7 @@ def test_upload_activate_route_roll_back_and_delete(gateway, made):
     state = httpx.get(url(gateway, "/v1/adapters/legal")).json()
     assert state["active"] == v1 and [v["version"] for v in state["versions"]] == [v1]
     assert state["versions"][0]["engines"] == {"engine-0": True}
+    assert state["versions"][0]["base_fingerprint"] == fingerprint(tiny_model)  # the base it was checked on
     assert f"legal@{v2}" not in engine_adapters(gateway)
 
     metrics = httpx.get(url(gateway, "/metrics")).text
