@@ -65,6 +65,19 @@ class ModelNotFound(LoragError):
         )
 
 
+class Overloaded(LoragError):
+    """Every engine has as many requests in flight as the limit allows."""
+
+    status_code = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str):
+        super().__init__(message, code="overloaded")
+
+    def extra_headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
 class EngineUnavailable(LoragError):
     status_code = 503
     type = "engine_unavailable"

@@ -6,7 +6,7 @@ Labels are bounded: `adapter` is the base model's name or a registered adapter,
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
 
@@ -26,6 +26,9 @@ class Metrics:
         self.latency = Histogram(
             "lorag_chat_latency_seconds", "Chat request time, admission to last byte.", labels,
             buckets=_LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.in_flight = Gauge(
+            "lorag_chat_in_flight", "Chat requests admitted and not yet finished.", registry=self.registry
         )
         self.adapter_load = Histogram(
             "lorag_adapter_load_seconds", "Time for one engine to load an adapter version.", labels,

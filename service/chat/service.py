@@ -14,7 +14,15 @@ import httpx
 from service.chat.retrieval import Grounding, Retrieval
 from service.chat.schemas import ChatCompletionRequest
 from service.engine.pool import Engine, EnginePool
-from service.errors import EngineError, EngineRejected, EngineUnavailable, LimitExceeded, LoragError, envelope
+from service.errors import (
+    EngineError,
+    EngineRejected,
+    EngineUnavailable,
+    LimitExceeded,
+    LoragError,
+    Overloaded,
+    envelope,
+)
 from service.adapters.leases import Lease
 from service.adapters.service import AdapterService
 from service.metrics import Metrics
@@ -58,6 +66,7 @@ class ChatService:
         self._http = http
         self._retrieval = retrieval
         self._metrics = metrics
+        self._in_flight = 0  # admitted and not yet ended
 
     async def admit(self, request: ChatCompletionRequest) -> Admission:
         """Check the limits, resolve and hold the model's version, retrieve if asked, build the engine's body."""
@@ -66,6 +75,15 @@ class ChatService:
         body = request.model_dump(exclude_unset=True, exclude={"rag"})
         # Resolved once, here: the request keeps this version to its end, whatever is activated meanwhile.
         target = self._catalog.resolve(request.model)
+        # vLLM queues without bound; past this many, a quick 429 beats a slow timeout.
+        capacity = s.max_inflight_per_engine * max(1, len(self._engines.up()))
+        if self._in_flight >= capacity:
+            raise Overloaded(
+                f"{self._in_flight} requests are in flight, the most the engines take "
+                f"({s.max_inflight_per_engine} per engine, LORAG_MAX_INFLIGHT_PER_ENGINE); retry after a second"
+            )
+        self._in_flight += 1
+        self._metrics.in_flight.inc()
         admission = Admission(target, self._adapters.hold(target), body, time.perf_counter())
         try:
             await self._adapters.ensure_loaded(target)
@@ -90,6 +108,8 @@ class ChatService:
         if admission.ended:
             return
         admission.ended = True
+        self._in_flight -= 1
+        self._metrics.in_flight.dec()
         if admission.lease is not None:
             admission.lease.release()
         labels = admission.target.labels

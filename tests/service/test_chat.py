@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
+import time
 
 import httpx
 import openai
 import psutil
 import pytest
 
-from tests.conftest import MODEL_NAME
+from tests.conftest import LIMITS, MODEL_NAME
 from tests.sse import sse_payloads
 
 # The tiny model's weights are random: ignore_eos (a vLLM extension the gateway
@@ -176,3 +180,37 @@ def test_stream_frames_survive_unicode_line_separators_in_the_text(gateway):
     assert frames[-2:] == [b"data: [DONE]", b""]
     chunks = [json.loads(frame[len(b"data: "):]) for frame in frames[:-2]]  # every frame whole JSON
     assert text in "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+
+
+def test_past_the_in_flight_limit_requests_get_429_with_retry_after(gateway):
+    # The engine is frozen so that admitted requests stay in flight; the limit is 24 (conftest).
+    limit = int(LIMITS["LORAG_MAX_INFLIGHT_PER_ENGINE"])
+    body = {**ASK, "max_tokens": 2}
+
+    def in_flight() -> float:
+        line = next(l for l in httpx.get(f"{gateway.url}/metrics").text.splitlines() if l.startswith("lorag_chat_in_flight "))
+        return float(line.split()[1])
+
+    async def run() -> tuple[list[int], httpx.Response]:
+        async with httpx.AsyncClient(base_url=gateway.url, timeout=120) as client:
+            held = [asyncio.create_task(client.post("/v1/chat/completions", json=body)) for _ in range(limit)]
+            deadline = time.monotonic() + 30
+            while in_flight() < limit:
+                assert time.monotonic() < deadline, f"only {in_flight()} requests in flight"
+                await asyncio.sleep(0.1)
+            refused = await client.post("/v1/chat/completions", json=body)
+            os.killpg(engine, signal.SIGCONT)
+            return [r.status_code for r in await asyncio.gather(*held)], refused
+
+    engine = gateway.engine().pid
+    os.killpg(engine, signal.SIGSTOP)
+    try:
+        statuses, refused = asyncio.run(run())
+    finally:
+        os.killpg(engine, signal.SIGCONT)
+    assert refused.status_code == 429, refused.text
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "overloaded"
+    assert statuses == [200] * limit  # the admitted ones were served once the engine thawed
+    assert in_flight() == 0
+    gateway.wait_ready(timeout=60)
