@@ -16,6 +16,7 @@ from service.adapters.registry import Registry
 from service.adapters.router import router as adapters_router
 from service.adapters.service import AdapterService
 from service.body_limit import BodyLimit
+from service.request_id import RequestId
 from service.chat.retrieval import Retrieval, load_builder
 from service.chat.router import router as chat_router
 from service.chat.service import ChatService
@@ -108,6 +109,7 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
         upload_max_bytes=settings.max_upload_bytes,
         upload_paths=r"/v1/collections/[^/]+/(files|documents/bulk)|/v1/adapters/[^/]+/versions",
     )
+    app.add_middleware(RequestId)  # outermost: every response carries the id, even a refused body
     install_error_handlers(app)
     app.include_router(chat_router)
     app.include_router(models_router)

@@ -27,6 +27,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
     home: Path = Field(Path("var"), description="Data directory: models, adapters, state, logs.")
     log_level: str = Field("info", description="Log level; 'debug' also shows the embedded engine's output.")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Log lines as text or as one JSON object each; both carry the request id."
+    )
     torch_threads: int = Field(
         1, ge=1, description="torch threads in the gateway (the embedder); more fight vLLM for the CPU and run slower."
     )

@@ -334,3 +334,18 @@ def test_a_client_that_leaves_releases_its_version(gateway, made):
     metrics = httpx.get(url(gateway, "/metrics")).text
     assert f'lorag_chat_requests_total{{adapter="leaver",outcome="cancelled",version="{version}"}} 1.0' in metrics
     assert answer(gateway, "leaver")[0] == f"leaver@{version}"
+
+
+def test_request_ids_are_echoed_and_carried_by_log_lines(gateway, made):
+    response = httpx.post(url(gateway, "/v1/adapters/traced/versions"), files={"file": ("a.tgz", pack(made["v1"]))},
+                          headers={"X-Request-ID": "trace-me-42"}, timeout=120)
+    assert response.status_code == 201 and response.headers["x-request-id"] == "trace-me-42"
+    served = response.json()["version"]["served_name"]
+    assert f"[trace-me-42]: adapter {served} registered" in gateway.log_path.read_text()
+
+    made_up = {httpx.get(url(gateway, "/healthz"), headers=h).headers["x-request-id"]
+               for h in ({}, {}, {"X-Request-ID": "spaces and\ttabs"}, {"X-Request-ID": "x" * 129})}
+    assert len(made_up) == 4 and all(len(i) == 32 for i in made_up)  # new ids, never the caller's junk
+    refused = httpx.post(url(gateway, "/v1/chat/completions"), content=b"x" * 70_000,
+                         headers={"X-Request-ID": "big-1", "content-type": "application/json"})
+    assert refused.status_code == 413 and refused.headers["x-request-id"] == "big-1"
