@@ -163,7 +163,10 @@ def _serve(settings: Settings) -> int:
         if not (settings.model_path / "config.json").exists():
             log.error("LORAG_MODEL=%s is not a model directory (no config.json)", settings.model_path)
             return 2
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None)
+    # On SIGTERM uvicorn stops listening at once, lets requests in flight (streams too) finish
+    # for up to the drain timeout, and only then runs the lifespan's shutdown: the engine stops last.
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                timeout_graceful_shutdown=settings.drain_timeout_s)
     return 0
 
 

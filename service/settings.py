@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text or as one JSON object each; both carry the request id."
     )
+    drain_timeout_s: float = Field(
+        30, ge=0, description="On SIGTERM, longest wait for requests in flight to finish before the engine stops."
+    )
     torch_threads: int = Field(
         1, ge=1, description="torch threads in the gateway (the embedder); more fight vLLM for the CPU and run slower."
     )

@@ -14,7 +14,7 @@ import httpx
 
 from tests.adapters import make_adapter, pack
 from tests.conftest import MODEL_NAME
-from tests.gateway import Gateway
+from tests.gateway import Gateway, live_group_members
 from tests.sse import sse_payloads
 
 LONG_STREAM = {
@@ -126,6 +126,39 @@ def test_ctrl_c_stops_the_engine_and_its_workers(tiny_model, tmp_path):
     assert code in (0, -signal.SIGINT), gw.log_tail()
     assert "Application shutdown complete" in gw.log_tail()
     assert not left, f"left behind: {left}"
+
+
+def test_sigterm_lets_streams_in_flight_finish_then_stops_the_engine(tiny_model, tmp_path):
+    gw = Gateway(tiny_model, tmp_path, env={"LORAG_MODEL_NAME": MODEL_NAME}).start()
+    try:
+        gw.wait_ready()
+        engine = gw.engine()
+        with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=LONG_STREAM, timeout=60) as response:
+            chunks = response.iter_bytes()
+            body = next(chunks)
+            # Frozen, the engine cannot finish the stream before the signal lands.
+            os.killpg(engine.pid, signal.SIGSTOP)
+            gw.proc.send_signal(signal.SIGTERM)
+            time.sleep(1)
+            try:
+                refused = httpx.get(f"{gw.url}/readyz", timeout=2).status_code != 200
+            except httpx.TransportError:
+                refused = True
+            assert refused, "still ready while draining"
+            assert gw.proc.poll() is None, "lorag exited with a stream in flight"
+            assert engine.is_running()
+            os.killpg(engine.pid, signal.SIGCONT)
+            body += b"".join(chunks)
+        payloads = sse_payloads(body.decode())
+        assert payloads[-1] == "[DONE]"
+        assert payloads[-2]["choices"][0]["finish_reason"] == "length", payloads[-2]  # whole, not cut
+        code = gw.proc.wait(60)
+    finally:
+        if gw.proc.poll() is None:
+            gw.stop(signal.SIGKILL)
+    assert code in (0, -signal.SIGTERM), gw.log_tail()
+    assert "Application shutdown complete" in gw.log_tail()
+    assert not live_group_members(engine.pid), "engine processes left behind"
 
 
 def test_missing_model_directory_fails_fast_with_a_clear_message(tmp_path):
