@@ -15,6 +15,8 @@ from service.adapters.inspection import BaseModelInfo
 from service.adapters.registry import Registry
 from service.adapters.router import router as adapters_router
 from service.adapters.service import AdapterService
+from service.auth.guard import Guard, knowledge_scope, require
+from service.auth.keys import KeyStore
 from service.body_limit import BodyLimit
 from service.request_id import RequestId
 from service.chat.retrieval import Retrieval, load_builder
@@ -46,6 +48,10 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
         http = httpx.AsyncClient(limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256))
         metrics = Metrics()
         registry = Registry(settings.home / "lorag.db", settings.adapters_path)
+        keys = KeyStore(settings.home / "lorag.db")
+        app.state.guard = Guard(keys, settings.auth_required)
+        if not settings.auth_required:
+            log.warning("API keys are not required (LORAG_AUTH=%s, listening on %s)", settings.auth, settings.host)
         if settings.embedded:
             supervisor = EngineSupervisor(
                 lambda: launch_spec(settings),
@@ -77,6 +83,7 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
             await engines.stop()
             await http.aclose()
             registry.close()
+            keys.close()
             raise
         builder = await to_thread.run_sync(load_builder, settings)
         app.state.knowledge = KnowledgeService(kb, settings)
@@ -96,6 +103,7 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
             await http.aclose()
             kb.close()
             registry.close()
+            keys.close()
 
     app = FastAPI(
         title="lorag",
@@ -111,10 +119,10 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
     )
     app.add_middleware(RequestId)  # outermost: every response carries the id, even a refused body
     install_error_handlers(app)
-    app.include_router(chat_router)
-    app.include_router(models_router)
-    app.include_router(knowledge_router)
-    app.include_router(adapters_router)
+    app.include_router(chat_router, dependencies=[require("chat")])
+    app.include_router(models_router, dependencies=[require("chat")])
+    app.include_router(knowledge_router, dependencies=[require(knowledge_scope)])
+    app.include_router(adapters_router, dependencies=[require("adapters:admin")])
     app.include_router(health_router)
     return app
 

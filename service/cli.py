@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     docs = commands.add_parser("docs", help="push documents to / search a running service's knowledge base")
     docs.add_argument("--url", default=os.environ.get("LORAG_URL", "http://127.0.0.1:8000"),
                       help="the service (LORAG_URL; default http://127.0.0.1:8000)")
+    docs.add_argument("--api-key", default=os.environ.get("LORAG_API_KEY"), help="an API key (LORAG_API_KEY)")
     docs_commands = docs.add_subparsers(dest="docs_command", required=True)
     push = docs_commands.add_parser("push", help="upload files, folders (recursively) and JSON-lines files")
     push.add_argument("paths", nargs="+", type=Path, metavar="PATH")
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     adapters = commands.add_parser("adapters", help="push, list, activate, roll back or delete a running service's adapters")
     adapters.add_argument("--url", default=os.environ.get("LORAG_URL", "http://127.0.0.1:8000"),
                           help="the service (LORAG_URL; default http://127.0.0.1:8000)")
+    adapters.add_argument("--api-key", default=os.environ.get("LORAG_API_KEY"), help="an API key (LORAG_API_KEY)")
     adapter_commands = adapters.add_subparsers(dest="adapters_command", required=True)
     push = adapter_commands.add_parser("push", help="upload an adapter folder as a new version (validated, canary-checked)")
     push.add_argument("folder", type=Path, metavar="DIR", help="holds adapter_config.json, adapter_model.safetensors")
@@ -60,20 +62,32 @@ def main(argv: list[str] | None = None) -> int:
     delete.add_argument("name")
     delete.add_argument("version", nargs="?")
 
+    keys = commands.add_parser("keys", help="create, list or revoke API keys (in this machine's LORAG_HOME)")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    create = key_commands.add_parser("create", help="make a key; it is printed once and stored only hashed")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--scopes", required=True, help="comma-separated: chat,knowledge:read,knowledge:write,adapters:admin")
+    key_commands.add_parser("list", help="every key: id, tenant, scopes, created, revoked")
+    revoke = key_commands.add_parser("revoke", help="stop a key from working, at once")
+    revoke.add_argument("id")
+
     args = parser.parse_args(argv)
     if args.command == "docs":
         return _docs(args)
     if args.command == "adapters":
         return _adapters(args)
+    # Flags go through validation too: `--host 0.0.0.0` with auth off must be refused.
+    overrides = {k: getattr(args, k, None) for k in ("host", "port") if getattr(args, k, None) is not None}
     try:
-        settings = Settings()
+        settings = Settings(**overrides)
     except ValidationError as exc:
         parser.exit(2, f"lorag: invalid settings:\n{exc}\n")
 
     if args.command == "demo":
         return _demo(settings, args.args)
-    overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
-    return _serve(settings.model_copy(update=overrides))
+    if args.command == "keys":
+        return _keys(settings, args)
+    return _serve(settings)
 
 
 def _docs(args: argparse.Namespace) -> int:
@@ -81,7 +95,7 @@ def _docs(args: argparse.Namespace) -> int:
 
     from service.knowledge.client import DocsClient, print_hits, summary
 
-    client = DocsClient(args.url, args.collection)
+    client = DocsClient(args.url, args.collection, args.api_key)
     try:
         if args.docs_command == "search":
             print_hits(client.search(args.query, args.top_k, args.mode, args.filter))
@@ -95,12 +109,39 @@ def _docs(args: argparse.Namespace) -> int:
     return 1 if any(o.status == "failed" for o in outcomes) else 0
 
 
+def _keys(settings: Settings, args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from service.auth.keys import KeyRefused, KeyStore
+
+    store = KeyStore(settings.home / "lorag.db")
+    try:
+        if args.keys_command == "create":
+            key, token = store.create(args.tenant, [s.strip() for s in args.scopes.split(",") if s.strip()])
+            print(f"key {key.id} for tenant {key.tenant} ({', '.join(key.scopes)}); shown once, keep it now:")
+            print(token)
+        elif args.keys_command == "list":
+            for key in store.keys():
+                created = datetime.fromtimestamp(key.created, UTC).strftime("%Y-%m-%d %H:%M")
+                state = "revoked" if key.revoked else "active"
+                print(f"{key.id}  {key.tenant:20} {','.join(key.scopes):50} {created}  {state}")
+        else:
+            store.revoke(args.id)
+            print(f"revoked {args.id}")
+    except KeyRefused as exc:
+        print(f"lorag keys: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        store.close()
+    return 0
+
+
 def _adapters(args: argparse.Namespace) -> int:
     import httpx
 
     from service.adapters.client import AdapterCommandFailed, AdaptersClient, describe
 
-    client = AdaptersClient(args.url)
+    client = AdaptersClient(args.url, args.api_key)
     try:
         if args.adapters_command == "push":
             result = client.push(args.folder, args.name, args.activate)

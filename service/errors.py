@@ -39,6 +39,22 @@ class InvalidRequest(LoragError):
     pass
 
 
+class Unauthorized(LoragError):
+    status_code = 401
+    type = "authentication_error"
+
+    def extra_headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(LoragError):
+    status_code = 403
+    type = "permission_error"
+
+    def __init__(self, message: str):
+        super().__init__(message, code="missing_scope")
+
+
 class LimitExceeded(LoragError):
     def __init__(self, message: str, *, param: str | None = None):
         super().__init__(message, param=param, code="limit_exceeded")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import shlex
 import sys
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import Annotated
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from knowledge.prompting import DEFAULT_SYSTEM_TEMPLATE, check_template
@@ -35,6 +36,12 @@ class Settings(BaseSettings):
     )
     torch_threads: int = Field(
         1, ge=1, description="torch threads in the gateway (the embedder); more fight vLLM for the CPU and run slower."
+    )
+
+    auth: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="API keys required: 'auto' = on unless the gateway listens on loopback only; "
+        "'off' is refused on any other address.",
     )
 
     # Base model
@@ -95,6 +102,30 @@ class Settings(BaseSettings):
     rag_system_template: str = Field(
         DEFAULT_SYSTEM_TEMPLATE, description="System prompt around the sources block; must contain {sources}."
     )
+
+    @model_validator(mode="after")
+    def _auth_off_only_on_loopback(self) -> Settings:
+        if self.auth == "off" and not self.loopback:
+            raise ValueError(
+                f"LORAG_AUTH=off with LORAG_HOST={self.host}: anyone who can reach that address could read "
+                "and change every tenant's documents and adapters. Listen on 127.0.0.1, or turn auth on "
+                "(LORAG_AUTH=auto or on) and create keys with `lorag keys create`."
+            )
+        return self
+
+    @property
+    def loopback(self) -> bool:
+        """Whether the gateway listens on a loopback address only."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:  # a host name other than localhost: assume it is reachable
+            return False
+
+    @property
+    def auth_required(self) -> bool:
+        return self.auth == "on" or (self.auth == "auto" and not self.loopback)
 
     @field_validator("rag_system_template")
     @classmethod

@@ -28,8 +28,9 @@ def pack_folder(folder: Path) -> bytes:
 
 
 class AdaptersClient:
-    def __init__(self, url: str, timeout: float = 300):
-        self._http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
+    def __init__(self, url: str, api_key: str | None = None, timeout: float = 300):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout, headers=headers)
 
     def push(self, folder: Path, name: str, activate: bool) -> dict:
         response = self._http.post(

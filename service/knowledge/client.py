@@ -36,8 +36,9 @@ def _files(paths: list[Path]) -> Iterator[tuple[Path, Path]]:
 
 
 class DocsClient:
-    def __init__(self, url: str, collection: str, timeout: float = 300):
-        self._http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
+    def __init__(self, url: str, collection: str, api_key: str | None = None, timeout: float = 300):
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+        self._http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout, headers=headers)
         self._collection = collection
 
     def ensure_collection(self) -> None:

@@ -1,0 +1,58 @@
+"""Who may call what: `Authorization: Bearer <key>` checked against the key store, scope by route."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from fastapi import Depends, Request
+from fastapi.params import Depends as DependsParam
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from service.auth.keys import ApiKey, KeyStore
+from service.errors import Forbidden, Unauthorized
+
+# auto_error=False: a missing or malformed header is our 401 in the envelope, not FastAPI's 403.
+_bearer = HTTPBearer(auto_error=False, description="An API key from `lorag keys create`.")
+_SEARCH = re.compile(r"/v1/collections/[^/]+/search")
+
+
+class Guard:
+    def __init__(self, keys: KeyStore, required: bool):
+        self._keys = keys
+        self.required = required
+
+    def check(self, credentials: HTTPAuthorizationCredentials | None, scope: str) -> ApiKey | None:
+        """The caller's key (None with auth off); Unauthorized or Forbidden otherwise."""
+        if not self.required:
+            return None
+        if credentials is None:
+            raise Unauthorized("no API key: send 'Authorization: Bearer <key>' (keys come from `lorag keys create`)",
+                               code="missing_api_key")
+        key = self._keys.verify(credentials.credentials)
+        if key is None:
+            raise Unauthorized("the API key is not valid: unknown, revoked or mistyped", code="invalid_api_key")
+        if scope not in key.scopes:
+            raise Forbidden(f"this key lacks the {scope!r} scope (it has: {', '.join(key.scopes)})")
+        return key
+
+
+def knowledge_scope(request: Request) -> str:
+    """Reading (GET, search) or changing the knowledge base."""
+    if request.method == "GET" or (request.method == "POST" and _SEARCH.fullmatch(request.url.path)):
+        return "knowledge:read"
+    return "knowledge:write"
+
+
+def require(scope: str | Callable[[Request], str]) -> DependsParam:
+    """A route dependency that admits callers whose key has `scope` (or the scope the request needs)."""
+
+    async def guard(
+        request: Request, credentials: HTTPAuthorizationCredentials | None = Depends(_bearer)
+    ) -> ApiKey | None:
+        needed = scope(request) if callable(scope) else scope
+        key = request.app.state.guard.check(credentials, needed)
+        request.state.api_key = key
+        return key
+
+    return Depends(guard)

@@ -1,0 +1,99 @@
+"""API keys: stored hashed in the service's SQLite store, each bound to a tenant and scopes.
+
+A key is `lorag_<id>_<secret>`: the id finds the row, the secret (32 random bytes) is checked
+against its sha256. A slow hash buys nothing for secrets this long, and a lookup costs
+microseconds on every request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+SCOPES = ("chat", "knowledge:read", "knowledge:write", "adapters:admin")
+TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+_KEY = re.compile(r"lorag_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS api_keys (
+    id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL,
+    scopes TEXT NOT NULL,
+    secret_sha256 TEXT NOT NULL,
+    created REAL NOT NULL,
+    revoked REAL
+);
+"""
+
+
+class KeyRefused(ValueError):
+    """A key cannot be created or revoked as asked; the message says why."""
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    tenant: str
+    scopes: tuple[str, ...]
+    created: float
+    revoked: float | None = None
+
+
+class KeyStore:
+    def __init__(self, db_path: Path):
+        db_path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def create(self, tenant: str, scopes: list[str]) -> tuple[ApiKey, str]:
+        """A new key and its token; the token is shown once and never stored."""
+        if not TENANT.fullmatch(tenant):
+            raise KeyRefused(f"tenant {tenant!r} is not valid: 1-63 lowercase letters, digits, '_' or '-'")
+        unknown = sorted(set(scopes) - set(SCOPES))
+        if unknown or not scopes:
+            raise KeyRefused(f"unknown or no scopes {unknown}; choose from {', '.join(SCOPES)}")
+        key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
+        key = ApiKey(key_id, tenant, tuple(sorted(set(scopes))), time.time())
+        self._db.execute(
+            "INSERT INTO api_keys (id, tenant, scopes, secret_sha256, created) VALUES (?, ?, ?, ?, ?)",
+            (key.id, tenant, json.dumps(key.scopes), _digest(secret), key.created),
+        )
+        return key, f"lorag_{key_id}_{secret}"
+
+    def keys(self) -> list[ApiKey]:
+        rows = self._db.execute("SELECT id, tenant, scopes, created, revoked FROM api_keys ORDER BY created")
+        return [ApiKey(i, t, tuple(json.loads(s)), c, r) for i, t, s, c, r in rows]
+
+    def revoke(self, key_id: str) -> None:
+        changed = self._db.execute(
+            "UPDATE api_keys SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), key_id)
+        ).rowcount
+        if not changed:
+            raise KeyRefused(f"no active key with id {key_id!r}")
+
+    def verify(self, token: str) -> ApiKey | None:
+        """The key a token belongs to, if it is well-formed, known, matching and not revoked."""
+        match = _KEY.fullmatch(token)
+        if match is None:
+            return None
+        row = self._db.execute(
+            "SELECT tenant, scopes, secret_sha256, created, revoked FROM api_keys WHERE id = ?", (match[1],)
+        ).fetchone()
+        if row is None or row[4] is not None or not hmac.compare_digest(row[2], _digest(match[2])):
+            return None
+        return ApiKey(match[1], row[0], tuple(json.loads(row[1])), row[3])
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()

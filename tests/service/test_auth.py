@@ -1,0 +1,118 @@
+"""API keys and scopes on every API route, in-process with auth on (no engine is needed to be refused)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from fastapi.routing import APIRoute
+from fastapi.testclient import TestClient
+
+from service import Settings, create_app
+from service.auth.keys import SCOPES, KeyStore
+from service.engine.launcher import free_port
+from tests.conftest import MODEL_NAME
+
+OPEN = {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+
+
+def needed_scope(method: str, path: str) -> str:
+    if path.startswith("/v1/adapters"):
+        return "adapters:admin"
+    if path.startswith("/v1/collections"):
+        return "knowledge:read" if method == "GET" or path.endswith("/search") else "knowledge:write"
+    return "chat"
+
+
+@pytest.fixture(scope="module")
+def app_and_home(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path):
+    home = tmp_path_factory.mktemp("auth-home")
+    settings = Settings(engine_urls=f"http://127.0.0.1:{free_port()}", model=tiny_model, model_name=MODEL_NAME,
+                        home=home, auth="on")
+    with TestClient(create_app(settings)) as client:
+        yield client, home
+
+
+def calls(client: TestClient) -> list[tuple[str, str]]:
+    """(method, concrete path) for every API route the app has: a new route is checked too."""
+    found = []
+    for route in client.app.routes:
+        if isinstance(route, APIRoute) and route.path not in OPEN:
+            path = re.sub(r"\{[^}]+\}", "x1", route.path)
+            found += [(method, path) for method in sorted(route.methods)]
+    return found
+
+
+def test_every_api_route_needs_a_valid_key_with_its_scope(app_and_home):
+    client, home = app_and_home
+    store = KeyStore(home / "lorag.db")
+    revoked_key, revoked = store.create("acme", list(SCOPES))
+    store.revoke(revoked_key.id)
+    routes = calls(client)
+    assert len(routes) >= 20 and ("POST", "/v1/chat/completions") in routes
+
+    for method, path in routes:
+        scope = needed_scope(method, path)
+        _, right = store.create("acme", [scope])
+        _, others = store.create("acme", [s for s in SCOPES if s != scope])
+        missing = client.request(method, path)
+        assert missing.status_code == 401, (method, path, missing.text)
+        assert missing.json()["error"]["code"] == "missing_api_key"
+        assert missing.headers["www-authenticate"] == "Bearer"
+        for token in ("lorag_0123456789abcdef_" + "x" * 43, revoked, "not-a-key", right.replace("_", "-")):
+            bad = client.request(method, path, headers={"Authorization": f"Bearer {token}"})
+            assert bad.status_code == 401 and bad.json()["error"]["code"] == "invalid_api_key", (method, path)
+        wrong_scheme = client.request(method, path, headers={"Authorization": f"Basic {right}"})
+        assert wrong_scheme.status_code == 401, (method, path)
+        forbidden = client.request(method, path, headers={"Authorization": f"Bearer {others}"})
+        assert forbidden.status_code == 403, (method, path, forbidden.text)
+        assert forbidden.json()["error"]["code"] == "missing_scope" and scope in forbidden.json()["error"]["message"]
+        admitted = client.request(method, path, headers={"Authorization": f"Bearer {right}"})
+        assert admitted.status_code not in (401, 403), (method, path, admitted.text)
+    store.close()
+
+
+def test_health_and_metrics_stay_open(app_and_home):
+    client, _ = app_and_home
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/metrics").status_code == 200
+    assert client.get("/readyz").status_code == 503  # no engine here, but no key is asked for
+
+
+def lorag(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "LORAG_HOME": str(home), **env})
+
+
+def test_keys_cli_creates_lists_and_revokes_and_the_service_honours_it(app_and_home):
+    client, home = app_and_home
+    created = lorag(home, "keys", "create", "--tenant", "acme", "--scopes", "chat,knowledge:read")
+    assert created.returncode == 0, created.stderr
+    key_id, token = created.stdout.split()[1], created.stdout.splitlines()[-1]
+    listed = lorag(home, "keys", "list").stdout
+    assert re.search(rf"{key_id}\s+acme\s+chat,knowledge:read\s.*active", listed), listed
+    assert token not in listed and token.split("_")[-1] not in (home / "lorag.db").read_bytes().decode("latin-1")
+    headers = {"Authorization": f"Bearer {token}"}
+    assert client.get("/v1/collections", headers=headers).status_code == 200
+    assert client.post("/v1/collections", json={"name": "nope"}, headers=headers).status_code == 403
+
+    assert lorag(home, "keys", "revoke", key_id).returncode == 0
+    assert "revoked" in lorag(home, "keys", "list").stdout
+    assert client.get("/v1/collections", headers=headers).status_code == 401  # at once, no restart
+    again = lorag(home, "keys", "revoke", key_id)
+    assert again.returncode == 1 and "no active key" in again.stderr
+    bad = lorag(home, "keys", "create", "--tenant", "acme", "--scopes", "chat,root")
+    assert bad.returncode == 1 and "unknown or no scopes ['root']" in bad.stderr
+
+
+def test_auth_off_is_refused_on_any_address_but_loopback(tmp_path):
+    for env, flags in (({"LORAG_HOST": "0.0.0.0"}, ()), ({}, ("--host", "10.1.2.3"))):
+        result = lorag(tmp_path, "serve", *flags, LORAG_AUTH="off", **env)
+        assert result.returncode == 2
+        assert "LORAG_AUTH=off with LORAG_HOST=" in result.stderr and "Listen on 127.0.0.1" in result.stderr
+    assert Settings(host="0.0.0.0").auth_required and not Settings(host="127.0.0.1").auth_required
+    assert Settings(host="::1", auth="off").loopback
