@@ -130,7 +130,7 @@ class AdapterNotFound(LoragError):
 
 
 class AdapterConflict(LoragError):
-    """The registry's state forbids the change (deleting an active or held version, a name in use)."""
+    """The registry's state forbids the change (deleting an active or held version, no version to roll back to)."""
 
     status_code = 409
     type = "conflict_error"
