@@ -29,9 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("args", nargs=argparse.REMAINDER, help="e.g. build-base [--variant tiny] [--seed N] [--force]")
 
     docs = commands.add_parser("docs", help="push documents to / search a running service's knowledge base")
-    docs.add_argument("--url", default=os.environ.get("LORAG_URL", "http://127.0.0.1:8000"),
-                      help="the service (LORAG_URL; default http://127.0.0.1:8000)")
-    docs.add_argument("--api-key", default=os.environ.get("LORAG_API_KEY"), help="an API key (LORAG_API_KEY)")
+    _remote_options(docs)
     docs_commands = docs.add_subparsers(dest="docs_command", required=True)
     push = docs_commands.add_parser("push", help="upload files, folders (recursively) and JSON-lines files")
     push.add_argument("paths", nargs="+", type=Path, metavar="PATH")
@@ -44,9 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("--filter", type=json.loads, help='metadata filter as JSON, e.g. \'{"lang": "en"}\'')
 
     adapters = commands.add_parser("adapters", help="push, list, activate, roll back or delete a running service's adapters")
-    adapters.add_argument("--url", default=os.environ.get("LORAG_URL", "http://127.0.0.1:8000"),
-                          help="the service (LORAG_URL; default http://127.0.0.1:8000)")
-    adapters.add_argument("--api-key", default=os.environ.get("LORAG_API_KEY"), help="an API key (LORAG_API_KEY)")
+    _remote_options(adapters)
     adapter_commands = adapters.add_subparsers(dest="adapters_command", required=True)
     push = adapter_commands.add_parser("push", help="upload an adapter folder as a new version (validated, canary-checked)")
     push.add_argument("folder", type=Path, metavar="DIR", help="holds adapter_config.json, adapter_model.safetensors")
@@ -107,6 +103,13 @@ def _docs(args: argparse.Namespace) -> int:
         return 2
     print(summary(outcomes))
     return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def _remote_options(parser: argparse.ArgumentParser) -> None:
+    """--url and --api-key, for the commands that talk to a running service."""
+    parser.add_argument("--url", default=os.environ.get("LORAG_URL", "http://127.0.0.1:8000"),
+                        help="the service (LORAG_URL; default http://127.0.0.1:8000)")
+    parser.add_argument("--api-key", default=os.environ.get("LORAG_API_KEY"), help="an API key (LORAG_API_KEY)")
 
 
 def _keys(settings: Settings, args: argparse.Namespace) -> int:
