@@ -24,6 +24,7 @@ class LoragError(Exception):
 
     status_code = 400
     type = "invalid_request_error"
+    retry_after: int | None = None  # seconds; set where retrying later can succeed (503, 429)
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -32,7 +33,7 @@ class LoragError(Exception):
         self.code = code
 
     def extra_headers(self) -> dict[str, str] | None:
-        return None
+        return {"Retry-After": str(self.retry_after)} if self.retry_after is not None else None
 
 
 class InvalidRequest(LoragError):
@@ -86,23 +87,19 @@ class Overloaded(LoragError):
 
     status_code = 429
     type = "rate_limit_error"
+    retry_after = 1
 
     def __init__(self, message: str):
         super().__init__(message, code="overloaded")
-
-    def extra_headers(self) -> dict[str, str]:
-        return {"Retry-After": "1"}
 
 
 class EngineUnavailable(LoragError):
     status_code = 503
     type = "engine_unavailable"
+    retry_after = 5
 
     def __init__(self, message: str = "the generation engine is not ready; retry shortly"):
         super().__init__(message, code="engine_unavailable")
-
-    def extra_headers(self) -> dict[str, str]:
-        return {"Retry-After": "5"}
 
 
 class EngineError(LoragError):

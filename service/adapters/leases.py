@@ -37,8 +37,6 @@ class Leases:
 
     def acquire(self, served: str) -> Lease:
         self._count[served] += 1
-        if served in self._idle:
-            self._idle[served].clear()
         return Lease(self, served)
 
     def count(self, served: str) -> int:
@@ -50,13 +48,11 @@ class Leases:
     async def idle(self, served: str) -> None:
         """Return once no lease on `served` is held."""
         while self._count[served]:
-            event = self._idle.setdefault(served, asyncio.Event())
-            event.clear()
-            await event.wait()
+            await self._idle.setdefault(served, asyncio.Event()).wait()
 
     def _release(self, served: str) -> None:
         self._count[served] -= 1
         if self._count[served] <= 0:
             del self._count[served]
-            if served in self._idle:
-                self._idle[served].set()
+            if (event := self._idle.pop(served, None)) is not None:
+                event.set()

@@ -12,7 +12,6 @@ import json
 import re
 import shutil
 import sqlite3
-import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,7 +90,6 @@ class Registry:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
-        self._write = threading.Lock()
         self._adapters = self._load()
 
     def close(self) -> None:
@@ -134,39 +132,38 @@ class Registry:
                 return version
         return None
 
-    # Writes (SQLite first, then memory)
+    # Writes (SQLite first, then memory); all run on the event loop, one at a time.
 
     def add(self, name: str, facts: AdapterFacts, staged: Path) -> tuple[Version, bool]:
         """Move a validated, staged folder into place as a version; (version, False) if it already exists."""
         version_id = facts.content_hash[:VERSION_CHARS]
-        with self._write:
-            adapter = self._adapters.get(name)
-            if adapter is not None and version_id in adapter.versions:
-                shutil.rmtree(staged, ignore_errors=True)
-                return adapter.versions[version_id], False
-            final = self.root / name / version_id
-            final.parent.mkdir(parents=True, exist_ok=True)
-            if final.exists():  # left by a crash between the move and the commit
-                shutil.rmtree(final)
-            staged.rename(final)
-            now = time.time()
-            stored = asdict(facts)
-            with self._db:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute("INSERT OR IGNORE INTO adapters (name, created) VALUES (?, ?)", (name, now))
-                self._db.execute(
-                    "INSERT INTO adapter_versions (name, version, facts, created) VALUES (?, ?, ?, ?)",
-                    (name, version_id, json.dumps(stored), now),
-                )
-            if adapter is None:
-                adapter = self._adapters[name] = Adapter(name, now)
-            version = Version(name, version_id, final, stored, now)
-            adapter.versions[version_id] = version
-            return version, True
+        adapter = self._adapters.get(name)
+        if adapter is not None and version_id in adapter.versions:
+            shutil.rmtree(staged, ignore_errors=True)
+            return adapter.versions[version_id], False
+        final = self.root / name / version_id
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():  # left by a crash between the move and the commit
+            shutil.rmtree(final)
+        staged.rename(final)
+        now = time.time()
+        stored = asdict(facts)
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("INSERT OR IGNORE INTO adapters (name, created) VALUES (?, ?)", (name, now))
+            self._db.execute(
+                "INSERT INTO adapter_versions (name, version, facts, created) VALUES (?, ?, ?, ?)",
+                (name, version_id, json.dumps(stored), now),
+            )
+        if adapter is None:
+            adapter = self._adapters[name] = Adapter(name, now)
+        version = Version(name, version_id, final, stored, now)
+        adapter.versions[version_id] = version
+        return version, True
 
     def set_active(self, name: str, version: str) -> None:
         self.version(name, version)
-        with self._write, self._db:
+        with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("UPDATE adapters SET active = ? WHERE name = ?", (version, name))
             self._db.execute(
@@ -181,7 +178,7 @@ class Registry:
                 f"{found.served} is the active version of {name!r}; activate another version first",
                 code="version_active",
             )
-        with self._write, self._db:
+        with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM adapter_versions WHERE name = ? AND version = ?", (name, version))
             self._db.execute("DELETE FROM adapter_activations WHERE name = ? AND version = ?", (name, version))
@@ -191,7 +188,7 @@ class Registry:
 
     def remove(self, name: str) -> Adapter:
         adapter = self.get(name)
-        with self._write, self._db:
+        with self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute("DELETE FROM adapter_activations WHERE name = ?", (name,))
             self._db.execute("DELETE FROM adapters WHERE name = ?", (name,))

@@ -231,7 +231,7 @@ class AdapterService:
             "served_name": version.served,
             "active": adapter is not None and adapter.active == version.version,
             "created": version.created,
-            "engines": {e.name: version.served in e.loaded for e in self._engines.engines},
+            "engines": self._where(version.served),
             "in_flight": self.leases.count(version.served),
         }
 
@@ -338,11 +338,11 @@ class AdapterService:
         finally:
             lease.release()
             # The staged folder goes away after this; the version is loaded again from its final path.
-            async with engine.lock:
-                try:
-                    await self._lora.unload(engine, served)
-                except EngineCallFailed as exc:
-                    log.warning("could not unload canary %s: %s", served, exc)
+            await self._unload(engine, served)
+
+    def _where(self, served: str) -> dict[str, bool]:
+        """Engine name → whether `served` is loaded there."""
+        return {e.name: served in e.loaded for e in self._engines.engines}
 
     def _report(self, target: Version, previous: str | None, started: float, changed: bool) -> dict[str, Any]:
         return {
@@ -351,7 +351,7 @@ class AdapterService:
             "served_name": target.served,
             "previous": previous,
             "changed": changed,
-            "engines": {e.name: target.served in e.loaded for e in self._engines.engines},
+            "engines": self._where(target.served),
             "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
         }
 

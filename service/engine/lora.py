@@ -70,6 +70,7 @@ class LoraEndpoints:
             raise EngineCallFailed(f"{engine.name}: {path} answered {response.status_code}: {detail}",
                                    response.status_code, detail)
         try:
-            return response.json() if response.content.strip().startswith(b"{") else {}
-        except ValueError:
+            body = response.json()
+        except ValueError:  # e.g. unload answers with plain text
             return {}
+        return body if isinstance(body, dict) else {}

@@ -43,12 +43,7 @@ class ModelCatalog:
         return self._base
 
     def names(self) -> list[str]:
-        names = [self._base]
-        for adapter in self._registry.adapters():
-            if adapter.active:
-                names.append(adapter.name)
-            names.extend(v.served for v in adapter.versions.values())
-        return names
+        return [card["id"] for card in self.listing()]
 
     def resolve(self, name: str) -> Target:
         """The target for a client's `model`; ModelNotFound lists the known names."""
