@@ -1,5 +1,8 @@
 """The knowledge base: collections of versioned documents, searchable by meaning and by keyword.
 
+Every collection belongs to a tenant, and a name is looked up only among the caller's tenant's
+collections: another tenant's is indistinguishable from one that does not exist.
+
 Synchronous and thread-safe: the service calls it from worker threads. Heavy to open (the
 embedder, Chroma), so open one per process and share it.
 """
@@ -15,6 +18,7 @@ import numpy as np
 
 from knowledge.chunking import Chunker
 from knowledge.documents import (
+    DEFAULT_TENANT,
     CollectionInfo,
     Document,
     DocumentInfo,
@@ -83,7 +87,7 @@ class KnowledgeBase:
 
     def _sweep_orphans(self) -> None:
         # Chroma collections of ours with no SQLite row: left by a create or delete cut short.
-        known = {row.chroma_name for row, _ in self.records.collections()}
+        known = self.records.chroma_names()
         for name in self.vectors.names(f"lorag-{self.records.instance}-"):
             if name not in known:
                 log.info("deleting orphan Chroma collection %s", name)
@@ -91,32 +95,34 @@ class KnowledgeBase:
 
     # Collections
 
-    def create_collection(self, name: str, metadata: Metadata | None = None) -> CollectionInfo:
+    def create_collection(
+        self, name: str, metadata: Metadata | None = None, *, tenant: str = DEFAULT_TENANT
+    ) -> CollectionInfo:
         check_collection_name(name)
         metadata = check_metadata(metadata, "collection metadata")
         with self.records.transaction() as tx:
-            if self.records.collection(name, tx) is not None:
+            if self.records.collection(tenant, name, tx) is not None:
                 raise CollectionExists(name)
-            row = self.records.insert_collection(tx, name, metadata, time.time())
+            row = self.records.insert_collection(tx, tenant, name, metadata, time.time())
             # Inside the transaction: if Chroma refuses, the row rolls back with it.
             self.vectors.create(row.chroma_name)
         self.versions.add_collection(row.id)
         return CollectionInfo(row.name, row.metadata, _time(row.created_at), 0)
 
-    def get_collection(self, name: str) -> CollectionInfo:
-        row = self._collection(name)
+    def get_collection(self, name: str, *, tenant: str = DEFAULT_TENANT) -> CollectionInfo:
+        row = self._collection(name, tenant)
         return CollectionInfo(row.name, row.metadata, _time(row.created_at), self.records.count_documents(row.id))
 
-    def list_collections(self) -> list[CollectionInfo]:
+    def list_collections(self, *, tenant: str = DEFAULT_TENANT) -> list[CollectionInfo]:
         return [
             CollectionInfo(row.name, row.metadata, _time(row.created_at), count)
-            for row, count in self.records.collections()
+            for row, count in self.records.collections(tenant)
         ]
 
-    def delete_collection(self, name: str) -> None:
+    def delete_collection(self, name: str, *, tenant: str = DEFAULT_TENANT) -> None:
         check_collection_name(name)
         with self.records.transaction() as tx:
-            row = self.records.collection(name, tx)
+            row = self.records.collection(tenant, name, tx)
             if row is None:
                 raise CollectionNotFound(name)
             self.records.delete_collection(tx, row.id)
@@ -126,52 +132,56 @@ class KnowledgeBase:
         except Exception:
             log.warning("could not delete Chroma collection %s; the next open will", row.chroma_name, exc_info=True)
 
-    def _collection(self, name: str) -> CollectionRow:
+    def _collection(self, name: str, tenant: str) -> CollectionRow:
         check_collection_name(name)
-        row = self.records.collection(name)
+        row = self.records.collection(tenant, name)
         if row is None:
             raise CollectionNotFound(name)
         return row
 
     # Documents
 
-    def put_document(self, collection: str, doc_id: str, text: str, metadata: Metadata | None = None) -> WriteResult:
+    def put_document(
+        self, collection: str, doc_id: str, text: str, metadata: Metadata | None = None, *, tenant: str = DEFAULT_TENANT
+    ) -> WriteResult:
         """Write a new version of a document (or nothing, if text and metadata are unchanged).
 
         Returns after the new version is what every later search sees.
         """
-        (result,) = self.put_documents(collection, [DocumentInput(doc_id, text, metadata)])
+        (result,) = self.put_documents(collection, [DocumentInput(doc_id, text, metadata)], tenant=tenant)
         if isinstance(result, KnowledgeError):
             raise result
         return result
 
-    def put_documents(self, collection: str, items: Sequence[DocumentInput]) -> list[WriteResult | KnowledgeError]:
+    def put_documents(
+        self, collection: str, items: Sequence[DocumentInput], *, tenant: str = DEFAULT_TENANT
+    ) -> list[WriteResult | KnowledgeError]:
         """Write many documents, embedding across them; one result or error per item, in order."""
-        return self._ingestion.put(self._collection(collection), list(items))
+        return self._ingestion.put(self._collection(collection, tenant), list(items))
 
-    def get_document(self, collection: str, doc_id: str) -> Document:
-        row = self._collection(collection)
+    def get_document(self, collection: str, doc_id: str, *, tenant: str = DEFAULT_TENANT) -> Document:
+        row = self._collection(collection, tenant)
         found = self.records.document(row.id, check_doc_id(doc_id))
         if found is None:
             raise DocumentNotFound(collection, doc_id)
         return Document(**vars(_info(collection, found)), text=found.text or "")
 
     def list_documents(
-        self, collection: str, limit: int = 100, after: str | None = None
+        self, collection: str, limit: int = 100, after: str | None = None, *, tenant: str = DEFAULT_TENANT
     ) -> tuple[list[DocumentInfo], str | None]:
         """One page ordered by doc_id, and the cursor (`after`) of the next page or None."""
         if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
             raise InvalidQuery(f"limit must be an integer from 1 to {MAX_PAGE}, got {limit!r}")
         if after is not None and not isinstance(after, str):
             raise InvalidQuery("after must be the doc_id cursor returned with the previous page")
-        row = self._collection(collection)
+        row = self._collection(collection, tenant)
         found = self.records.documents_page(row.id, limit + 1, after)
         items = [_info(collection, doc) for doc in found[:limit]]
         return items, (items[-1].doc_id if len(found) > limit else None)
 
-    def delete_document(self, collection: str, doc_id: str) -> None:
+    def delete_document(self, collection: str, doc_id: str, *, tenant: str = DEFAULT_TENANT) -> None:
         """Remove the document and every chunk of it."""
-        self._ingestion.delete(self._collection(collection), check_doc_id(doc_id))
+        self._ingestion.delete(self._collection(collection, tenant), check_doc_id(doc_id))
 
     # Search
 
@@ -183,11 +193,13 @@ class KnowledgeBase:
         mode: Mode = "hybrid",
         filter: dict | None = None,  # noqa: A002 (the name callers know from Chroma)
         query_embedding: Sequence[float] | np.ndarray | None = None,
+        *,
+        tenant: str = DEFAULT_TENANT,
     ) -> SearchResult:
         """Best chunks for `query`; `query_embedding` skips embedding the query (dense and hybrid)."""
         vector = self._searcher.check(query, top_k, mode, query_embedding)
         where = Filter.parse(filter)
-        row = self._collection(collection)
+        row = self._collection(collection, tenant)
         try:
             return self._searcher.search(row, query, top_k, mode, where, vector)
         except (MissingVectors, MissingIndex):  # deleted under this search

@@ -1,6 +1,6 @@
-"""The SQLite side: collections, documents (the source of truth for active versions), the
-chunks of active versions, and write intents; plus each collection's in-memory keyword index
-(keywords.py), which follows the chunks table commit by commit.
+"""The SQLite side: collections (each a tenant's), documents (the source of truth for active
+versions), the chunks of active versions, and write intents; plus each collection's in-memory
+keyword index (keywords.py), which follows the chunks table commit by commit.
 
 One writer connection behind a lock (SQLite allows one writer anyway); readers take
 connections from a small pool so that, in WAL mode, searches never wait for a write.
@@ -19,18 +19,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from knowledge.chunking import Chunk
-from knowledge.documents import Metadata, canonical_json
+from knowledge.documents import DEFAULT_TENANT, Metadata, canonical_json
 from knowledge.keywords import KeywordIndex, MissingIndex, build
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS collections (
+# A name means something only inside its tenant: two tenants may each have "contracts".
+COLLECTIONS = """(
     id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: names the Chroma collection
-    name TEXT NOT NULL UNIQUE,
+    tenant TEXT NOT NULL,
+    name TEXT NOT NULL,
     chroma_name TEXT NOT NULL,
     metadata TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
+    created_at REAL NOT NULL,
+    UNIQUE (tenant, name)
+)"""
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS collections {COLLECTIONS};
 CREATE TABLE IF NOT EXISTS documents (
     collection_id INTEGER NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
     doc_id TEXT NOT NULL,
@@ -134,7 +138,6 @@ class RecordStore:
         self._writer.execute("PRAGMA journal_mode = WAL")
         # FULL: a write that returned survives power loss too, not only a killed process.
         self._writer.execute("PRAGMA synchronous = FULL")
-        self._writer.execute("PRAGMA foreign_keys = ON")
         self._write_lock = threading.Lock()
         # Run after the open transaction commits (or rolls back), still under the write lock:
         # the keyword indexes change only with what SQLite durably holds.
@@ -146,6 +149,9 @@ class RecordStore:
         with self._write_lock:
             # executescript commits whatever is open first, so it runs outside transaction().
             self._writer.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
+        self._add_tenants()
+        # Only now: with foreign keys on, the migration's DROP TABLE would cascade to the documents.
+        self._writer.execute("PRAGMA foreign_keys = ON")
         with self.transaction() as tx:
             row = tx.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()
             if row is None:
@@ -155,6 +161,36 @@ class RecordStore:
                 tx.execute("INSERT INTO meta VALUES ('instance', ?)", row)
         self.instance = row[0]
         self._load_keywords()
+
+    def _add_tenants(self) -> None:
+        """Give a store made before tenancy its tenant column; its collections become DEFAULT_TENANT's.
+
+        SQLite cannot drop the old UNIQUE (name) in place, so the table is rebuilt the documented
+        way (sqlite.org/lang_altertable.html, "other kinds of schema changes"): new table, copy
+        with the same ids, drop, rename; foreign keys off, all in one transaction.
+        """
+        with self.transaction() as tx:
+            columns = [row[1] for row in tx.execute("PRAGMA table_info(collections)")]
+            if "tenant" in columns:
+                return
+            (seq,) = tx.execute(
+                "SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'collections'"
+            ).fetchone()
+            tx.execute(f"CREATE TABLE collections_new {COLLECTIONS}")
+            tx.execute(
+                "INSERT INTO collections_new (id, tenant, name, chroma_name, metadata, created_at)"
+                " SELECT id, ?, name, chroma_name, metadata, created_at FROM collections",
+                (DEFAULT_TENANT,),
+            )
+            tx.execute("DROP TABLE collections")
+            tx.execute("ALTER TABLE collections_new RENAME TO collections")
+            # The copy left the id counter at the highest id still there (or none); a deleted
+            # collection's id above it must stay unused, or a new one would take its Chroma name.
+            tx.execute("DELETE FROM sqlite_sequence WHERE name = 'collections'")
+            tx.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('collections', ?)", (seq,))
+            broken = tx.execute("PRAGMA foreign_key_check").fetchall()
+            if broken:
+                raise RuntimeError(f"adding tenants to {self._path} left rows without their collection: {broken[:5]}")
 
     def _load_keywords(self) -> None:
         with self.transaction() as tx:
@@ -216,33 +252,41 @@ class RecordStore:
 
     # Collections
 
-    def collection(self, name: str, conn: sqlite3.Connection | None = None) -> CollectionRow | None:
-        sql = "SELECT id, name, chroma_name, metadata, created_at FROM collections WHERE name = ?"
+    def collection(self, tenant: str, name: str, conn: sqlite3.Connection | None = None) -> CollectionRow | None:
+        sql = "SELECT id, name, chroma_name, metadata, created_at FROM collections WHERE tenant = ? AND name = ?"
         if conn is not None:
-            row = conn.execute(sql, (name,)).fetchone()
+            row = conn.execute(sql, (tenant, name)).fetchone()
         else:
             with self.reading() as reader:
-                row = reader.execute(sql, (name,)).fetchone()
+                row = reader.execute(sql, (tenant, name)).fetchone()
         return None if row is None else CollectionRow(row[0], row[1], row[2], json.loads(row[3]), row[4])
 
-    def collections(self) -> list[tuple[CollectionRow, int]]:
+    def collections(self, tenant: str) -> list[tuple[CollectionRow, int]]:
         with self.reading() as conn:
             rows = conn.execute(
                 "SELECT id, name, chroma_name, metadata, created_at,"
                 " (SELECT COUNT(*) FROM documents d WHERE d.collection_id = c.id)"
-                " FROM collections c ORDER BY name"
+                " FROM collections c WHERE tenant = ? ORDER BY name",
+                (tenant,),
             ).fetchall()
         return [(CollectionRow(r[0], r[1], r[2], json.loads(r[3]), r[4]), r[5]) for r in rows]
+
+    def chroma_names(self) -> set[str]:
+        """Every tenant's: what the Chroma side should hold."""
+        with self.reading() as conn:
+            return {name for (name,) in conn.execute("SELECT chroma_name FROM collections")}
 
     def count_documents(self, collection_id: int) -> int:
         with self.reading() as conn:
             row = conn.execute("SELECT COUNT(*) FROM documents WHERE collection_id = ?", (collection_id,)).fetchone()
         return row[0]
 
-    def insert_collection(self, tx: sqlite3.Connection, name: str, metadata: Metadata, now: float) -> CollectionRow:
+    def insert_collection(
+        self, tx: sqlite3.Connection, tenant: str, name: str, metadata: Metadata, now: float
+    ) -> CollectionRow:
         cid = tx.execute(
-            "INSERT INTO collections (name, chroma_name, metadata, created_at) VALUES (?, '', ?, ?)",
-            (name, canonical_json(metadata), now),
+            "INSERT INTO collections (tenant, name, chroma_name, metadata, created_at) VALUES (?, ?, '', ?, ?)",
+            (tenant, name, canonical_json(metadata), now),
         ).lastrowid
         chroma_name = f"lorag-{self.instance}-{cid}"
         tx.execute("UPDATE collections SET chroma_name = ? WHERE id = ?", (chroma_name, cid))

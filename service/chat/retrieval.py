@@ -15,6 +15,7 @@ from anyio import to_thread
 from jinja2 import TemplateError
 
 from knowledge import KnowledgeBase
+from knowledge.documents import DEFAULT_TENANT
 from knowledge.prompting import PromptBuilder
 from service.chat.query_embedding import QueryEmbedder
 from service.chat.schemas import ChatCompletionRequest
@@ -48,10 +49,16 @@ class Retrieval:
         return bool((declared or {}).get("collection") or self._settings.rag_collection)
 
     async def ground(
-        self, request: ChatCompletionRequest, max_tokens: int, declared: dict[str, Any] | None = None
+        self,
+        request: ChatCompletionRequest,
+        max_tokens: int,
+        declared: dict[str, Any] | None = None,
+        *,
+        tenant: str = DEFAULT_TENANT,
     ) -> Grounding:
-        """Search and build the grounded messages. Each option comes from the request, else from the
-        adapter version's declared defaults (`declared`, its lorag.json `rag`), else from settings."""
+        """Search (the collection is looked up in the caller's `tenant`) and build the grounded messages.
+        Each option comes from the request, else from the adapter version's declared defaults
+        (`declared`, its lorag.json `rag`), else from settings."""
         s, rag, declared = self._settings, request.rag, declared or {}
 
         def option(name: str) -> Any:
@@ -82,7 +89,9 @@ class Retrieval:
 
         def run() -> Grounding:
             # Search and prompt assembly together, in one worker thread: both are CPU work.
-            result = self._kb.search(collection, query, top_k=top_k, mode=mode, filter=filter_, query_embedding=vector)
+            result = self._kb.search(
+                collection, query, top_k=top_k, mode=mode, filter=filter_, query_embedding=vector, tenant=tenant
+            )
             started = time.perf_counter()
             try:
                 prompt = self._builder.build(messages, result.hits, max_tokens)

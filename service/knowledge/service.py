@@ -1,9 +1,13 @@
-"""The knowledge API's logic: runs the (blocking) knowledge base off the event loop and shapes its results."""
+"""The knowledge API's logic: runs the (blocking) knowledge base off the event loop and shapes its results.
+
+Every call names the caller's tenant: collection names resolve inside it, nowhere else.
+"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from functools import partial
 from typing import Any
 
 from anyio import to_thread
@@ -21,28 +25,32 @@ class KnowledgeService:
         self._kb = kb
         self._settings = settings
 
-    async def create_collection(self, name: str, metadata: dict) -> dict:
-        return asdict(await to_thread.run_sync(self._kb.create_collection, name, metadata))
+    async def create_collection(self, name: str, metadata: dict, *, tenant: str) -> dict:
+        return asdict(await to_thread.run_sync(partial(self._kb.create_collection, name, metadata, tenant=tenant)))
 
-    async def list_collections(self) -> list[dict]:
-        return [asdict(c) for c in await to_thread.run_sync(self._kb.list_collections)]
+    async def list_collections(self, *, tenant: str) -> list[dict]:
+        return [asdict(c) for c in await to_thread.run_sync(partial(self._kb.list_collections, tenant=tenant))]
 
-    async def get_collection(self, name: str) -> dict:
-        return asdict(await to_thread.run_sync(self._kb.get_collection, name))
+    async def get_collection(self, name: str, *, tenant: str) -> dict:
+        return asdict(await to_thread.run_sync(partial(self._kb.get_collection, name, tenant=tenant)))
 
-    async def delete_collection(self, name: str) -> None:
-        await to_thread.run_sync(self._kb.delete_collection, name)
+    async def delete_collection(self, name: str, *, tenant: str) -> None:
+        await to_thread.run_sync(partial(self._kb.delete_collection, name, tenant=tenant))
 
-    async def put_document(self, collection: str, doc_id: str, text: str, metadata: dict) -> dict:
-        return asdict(await to_thread.run_sync(self._kb.put_document, collection, doc_id, text, metadata))
+    async def put_document(self, collection: str, doc_id: str, text: str, metadata: dict, *, tenant: str) -> dict:
+        return asdict(
+            await to_thread.run_sync(partial(self._kb.put_document, collection, doc_id, text, metadata, tenant=tenant))
+        )
 
-    async def put_file(self, collection: str, filename: str, data: bytes, doc_id: str | None, metadata: str | None) -> dict:
+    async def put_file(
+        self, collection: str, filename: str, data: bytes, doc_id: str | None, metadata: str | None, *, tenant: str
+    ) -> dict:
         """Extract the file's text and write it as a document (its id defaults to the file name)."""
         meta = _metadata_form(metadata)
         text = await to_thread.run_sync(extract_text, filename, data)
-        return await self.put_document(collection, doc_id or filename, text, meta)
+        return await self.put_document(collection, doc_id or filename, text, meta, tenant=tenant)
 
-    async def put_bulk(self, collection: str, body: bytes) -> dict:
+    async def put_bulk(self, collection: str, body: bytes, *, tenant: str) -> dict:
         """Write JSON lines {"id", "text", "metadata"?}; a bad line fails alone and names its line number."""
         items, results = [], []
         try:
@@ -68,9 +76,8 @@ class KnowledgeService:
                 results.append({"line": n, "status": "failed", "error": str(exc)})
                 continue
             items.append((n, item))
-        written = await to_thread.run_sync(
-            self._kb.put_documents, collection, [DocumentInput(i["id"], i["text"], i.get("metadata")) for _, i in items]
-        )
+        inputs = [DocumentInput(i["id"], i["text"], i.get("metadata")) for _, i in items]
+        written = await to_thread.run_sync(partial(self._kb.put_documents, collection, inputs, tenant=tenant))
         for (n, item), outcome in zip(items, written):
             if isinstance(outcome, Exception):
                 results.append({"line": n, "doc_id": item["id"], "status": "failed", "error": str(outcome)})
@@ -80,19 +87,23 @@ class KnowledgeService:
         summary = {s: sum(r["status"] == s for r in results) for s in ("created", "updated", "unchanged", "failed")}
         return {"results": results, "summary": summary}
 
-    async def get_document(self, collection: str, doc_id: str) -> dict:
-        return asdict(await to_thread.run_sync(self._kb.get_document, collection, doc_id))
+    async def get_document(self, collection: str, doc_id: str, *, tenant: str) -> dict:
+        return asdict(await to_thread.run_sync(partial(self._kb.get_document, collection, doc_id, tenant=tenant)))
 
-    async def delete_document(self, collection: str, doc_id: str) -> None:
-        await to_thread.run_sync(self._kb.delete_document, collection, doc_id)
+    async def delete_document(self, collection: str, doc_id: str, *, tenant: str) -> None:
+        await to_thread.run_sync(partial(self._kb.delete_document, collection, doc_id, tenant=tenant))
 
-    async def list_documents(self, collection: str, limit: int, after: str | None) -> dict:
-        items, cursor = await to_thread.run_sync(self._kb.list_documents, collection, limit, after)
+    async def list_documents(self, collection: str, limit: int, after: str | None, *, tenant: str) -> dict:
+        items, cursor = await to_thread.run_sync(
+            partial(self._kb.list_documents, collection, limit, after, tenant=tenant)
+        )
         return {"data": [asdict(d) for d in items], "next": cursor}
 
-    async def search(self, collection: str, query: str, top_k: int, mode: str, filter_: dict | None) -> dict:
+    async def search(
+        self, collection: str, query: str, top_k: int, mode: str, filter_: dict | None, *, tenant: str
+    ) -> dict:
         result = await to_thread.run_sync(
-            lambda: self._kb.search(collection, query, top_k=top_k, mode=mode, filter=filter_)
+            partial(self._kb.search, collection, query, top_k=top_k, mode=mode, filter=filter_, tenant=tenant)
         )
         return {"data": [asdict(h) for h in result.hits], "timings_ms": asdict(result.timings)}
 

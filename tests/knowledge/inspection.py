@@ -1,17 +1,17 @@
 """Look at what the stores hold, bypassing the knowledge base's search: Chroma's collection, the
-SQLite file and the in-memory keyword index."""
+SQLite file and the in-memory keyword index. Collections are the default tenant's."""
 
 from __future__ import annotations
 
 import sqlite3
 
 from knowledge import KnowledgeBase
+from knowledge.documents import DEFAULT_TENANT
 from knowledge.keywords import query_terms
 
 
 def chroma_name(kb: KnowledgeBase, collection: str) -> str:
-    with sqlite3.connect(kb.settings.database_path) as conn:
-        return conn.execute("SELECT chroma_name FROM collections WHERE name = ?", (collection,)).fetchone()[0]
+    return kb.records.collection(DEFAULT_TENANT, collection).chroma_name
 
 
 def chroma_chunks(kb: KnowledgeBase, collection: str, doc_id: str | None = None) -> list[tuple[str, int, int]]:
@@ -26,8 +26,8 @@ def sqlite_chunks(kb: KnowledgeBase, collection: str, doc_id: str) -> list[tuple
     with sqlite3.connect(kb.settings.database_path) as conn:
         rows = conn.execute(
             "SELECT version, idx FROM chunks c JOIN collections k ON k.id = c.collection_id"
-            " WHERE k.name = ? AND c.doc_id = ? ORDER BY version, idx",
-            (collection, doc_id),
+            " WHERE k.tenant = ? AND k.name = ? AND c.doc_id = ? ORDER BY version, idx",
+            (DEFAULT_TENANT, collection, doc_id),
         ).fetchall()
     return [tuple(r) for r in rows]
 
@@ -35,7 +35,7 @@ def sqlite_chunks(kb: KnowledgeBase, collection: str, doc_id: str) -> list[tuple
 def keyword_matches(kb: KnowledgeBase, collection: str, words: str) -> list[tuple[str, int]]:
     """(doc_id, version) of every chunk in the keyword index holding any of the words;
     (None, None): an index entry whose chunk row is gone."""
-    index = kb.records.keywords(kb.records.collection(collection).id)
+    index = kb.records.keywords(kb.records.collection(DEFAULT_TENANT, collection).id)
     ids, _ = index.rank(query_terms(words)).top(len(index) + 1)
     with sqlite3.connect(kb.settings.database_path) as conn:
         found = conn.execute(

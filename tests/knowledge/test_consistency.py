@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 
 from knowledge import Embedder, KnowledgeBase
+from knowledge.documents import DEFAULT_TENANT
 from knowledge.versions import Versions
 from tests.knowledge.inspection import chroma_chunks, chroma_name, sqlite_chunks
 
@@ -148,7 +149,7 @@ def test_old_version_outlives_every_search_that_started_before_the_flip(live_kb:
         time.sleep(0.2)
         assert writer.is_alive()
         assert set(v1_chunks) <= set(chroma_chunks(kb, "live", "doc"))
-        cid = kb.records.collection("live").id
+        cid = kb.records.collection(DEFAULT_TENANT, "live").id
         assert kb.versions.visible(old_search, cid, ["doc"]) == {"doc": 1}
     writer.join(timeout=30)
     assert not writer.is_alive()

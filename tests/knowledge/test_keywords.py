@@ -12,6 +12,7 @@ from collections import Counter
 import pytest
 
 from knowledge import DocumentInput, Embedder, KnowledgeBase
+from knowledge.documents import DEFAULT_TENANT
 from knowledge.keywords import B, K1, KeywordIndex, build, query_terms, words
 from knowledge.stemming import stem
 from tests.knowledge.inspection import keyword_matches
@@ -173,7 +174,7 @@ def test_opening_drops_the_old_fts5_tables(make_settings, embedder: Embedder):
     with KnowledgeBase(settings, embedder=embedder) as kb:
         kb.create_collection("docs")
         kb.put_document("docs", "d", "Ferries leave every ten minutes.")
-        cid = kb.records.collection("docs").id
+        cid = kb.records.collection(DEFAULT_TENANT, "docs").id
     with sqlite3.connect(settings.database_path) as conn:  # as the FTS5 version left it
         conn.execute(f"CREATE VIRTUAL TABLE fts_{cid} USING fts5(text, content='chunks', content_rowid='id')")
     with KnowledgeBase(settings, embedder=embedder) as kb:

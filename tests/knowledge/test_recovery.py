@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from knowledge import Embedder, KnowledgeBase
+from knowledge.documents import DEFAULT_TENANT
 from knowledge.records import Publication
 from knowledge.vectors import chunk_id
 from tests.knowledge.inspection import chroma_chunks, chroma_name, keyword_matches, sqlite_chunks
@@ -31,7 +32,7 @@ def intents(kb: KnowledgeBase) -> list[tuple]:
 def half_write(kb: KnowledgeBase, doc_id: str, text: str, version: int, *, flip: bool) -> None:
     """Do a write's steps by hand up to Chroma (flip=False) or up to the SQLite flip (flip=True),
     then stop, as a killed process would."""
-    row = kb.records.collection("docs")
+    row = kb.records.collection(DEFAULT_TENANT, "docs")
     chunks = kb.chunker.split(text)
     with kb.records.transaction() as tx:
         kb.records.add_intents(tx, row.id, [doc_id], time.time())
@@ -89,7 +90,7 @@ def test_crash_during_a_delete_removes_every_chunk(make_settings, embedder: Embe
         kb.create_collection("docs")
         kb.put_document("docs", "gone", V1)
         kb.put_document("docs", "kept", V2)
-        cid = kb.records.collection("docs").id
+        cid = kb.records.collection(DEFAULT_TENANT, "docs").id
         with kb.records.transaction() as tx:  # a delete's first step, then the crash
             kb.records.add_intents(tx, cid, ["gone"], time.time())
             kb.records.remove_document(tx, cid, "gone")

@@ -1,0 +1,195 @@
+"""Tenants see only their own: another tenant's resource answers exactly as a missing one does,
+and no answer carries anything of it. A real `lorag serve` with auth on and one key per tenant.
+
+The matrix walks the gateway's OpenAPI paths, so a new route under a family's prefix is checked
+as soon as it exists. Each route family is one `Family` row: what tenant A owns (path parameter
+→ A's value, plus a name nothing has for the "missing" comparison) and the request each route
+needs to get past validation; `setup` in the fixture makes A's resources.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.auth.keys import SCOPES, KeyStore
+from tests.conftest import LIMITS, MODEL_NAME
+from tests.gateway import Gateway
+
+# Tenant A's data; none of these strings may appear in anything tenant B is told.
+COLLECTION = "contracts"
+SECRET = "SECRET-7f3c: the harbour lease runs until 2031 at 41 000 EUR"
+A_DOCS = {
+    "lease-2031": {"text": f"{SECRET}. Renewal needs board approval.", "metadata": {"client": "acme-private"}},
+    "fees-2030": {"text": "Mooring fees for acme rise by 4 percent in 2030.", "metadata": {"client": "acme-private"}},
+}
+LEAKS = [SECRET, "board approval", "Mooring fees", "acme-private", *A_DOCS]
+
+# Tenant B's own collection of the same name.
+B_TEXT = "Tenant B rents a warehouse by the river."
+
+
+@dataclass(frozen=True)
+class Family:
+    prefix: str  # every route whose path starts with it is in the family
+    owned: dict[str, str]  # path parameter → the value naming A's resource
+    missing: dict[str, str]  # path parameter → a value naming nothing of anyone's
+    # (method, OpenAPI path) → httpx request arguments (json, content, files, ...)
+    requests: dict[tuple[str, str], dict] = field(default_factory=dict)
+    # Routes without a parameter naming A's resource (listing, creating): checked on their own.
+    unnamed: frozenset[tuple[str, str]] = frozenset()
+
+
+FAMILIES = {
+    "knowledge": Family(
+        prefix="/v1/collections",
+        owned={"name": COLLECTION, "doc_id": "lease-2031"},
+        missing={"name": "nothing-here", "doc_id": "lease-2031"},
+        requests={
+            ("POST", "/v1/collections/{name}/search"): {"json": {"query": "harbour lease"}},
+            ("POST", "/v1/collections/{name}/documents/bulk"): {
+                "content": json.dumps({"id": "lease-2031", "text": "B overwrites"}).encode(),
+                "headers": {"content-type": "application/x-ndjson"},
+            },
+            ("POST", "/v1/collections/{name}/files"): {
+                "files": {"file": ("lease-2031.txt", b"B overwrites")}, "data": {"doc_id": "lease-2031"},
+            },
+            ("PUT", "/v1/collections/{name}/documents/{doc_id}"): {"json": {"text": "B overwrites"}},
+        },
+        unnamed=frozenset({("GET", "/v1/collections"), ("POST", "/v1/collections")}),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def tenancy_gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """A gateway with auth on and an all-scope key for each of two tenants; A's resources made."""
+    home = tmp_path_factory.mktemp("tenancy-home")
+    store = KeyStore(home / "lorag.db")
+    tokens = {tenant: store.create(tenant, list(SCOPES))[1] for tenant in ("tenant-a", "tenant-b")}
+    store.close()
+    env = {**LIMITS, "LORAG_MODEL_NAME": MODEL_NAME, "LORAG_AUTH": "on", "LORAG_ENGINE_MAX_MODEL_LEN": "1024"}
+    gw = Gateway(tiny_model, home, env=env).start()
+    try:
+        gw.wait_ready()
+        with httpx.Client(base_url=gw.url, headers=auth(tokens["tenant-a"]), timeout=120) as a:
+            assert a.post("/v1/collections", json={"name": COLLECTION}).status_code == 201
+            for doc_id, doc in A_DOCS.items():
+                assert a.put(f"/v1/collections/{COLLECTION}/documents/{doc_id}", json=doc).status_code == 201
+    except BaseException:
+        gw.stop(signal.SIGKILL)
+        raise
+    yield gw, tokens
+    code, left = gw.stop(signal.SIGTERM)
+    assert code in (0, -signal.SIGTERM), gw.log_tail()
+    assert not left, f"engine processes left after lorag stopped: {left}"
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.fixture(scope="module")
+def as_a(tenancy_gateway):
+    gw, tokens = tenancy_gateway
+    with httpx.Client(base_url=gw.url, headers=auth(tokens["tenant-a"]), timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def as_b(tenancy_gateway):
+    gw, tokens = tenancy_gateway
+    with httpx.Client(base_url=gw.url, headers=auth(tokens["tenant-b"]), timeout=120) as client:
+        yield client
+
+
+def routes(client: httpx.Client, family: Family) -> list[tuple[str, str]]:
+    """(method, OpenAPI path) of every operation under the family's prefix."""
+    paths = client.get("/openapi.json").json()["paths"]
+    return sorted(
+        (method.upper(), path)
+        for path, operations in paths.items() if path.startswith(family.prefix)
+        for method in operations
+    )
+
+
+def fill(path: str, values: dict[str, str]) -> str:
+    for key, value in values.items():
+        path = path.replace(f"{{{key}}}", value)
+    assert "{" not in path, f"no value for a parameter of {path}: add it to the family's `owned` and `missing`"
+    return path
+
+
+def assert_no_leak(response: httpx.Response, where: str, leaks: list[str] = LEAKS) -> None:
+    for leak in leaks:
+        assert leak not in response.text, f"{where} leaks {leak!r}: {response.text[:300]}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_another_tenants_resource_answers_as_a_missing_one(as_a, as_b, family):
+    fam = FAMILIES[family]
+    found = routes(as_b, fam)
+    named = [(method, path) for method, path in found if (method, path) not in fam.unnamed]
+    assert named and set(fam.unnamed) <= set(found), found
+    for method, path in named:
+        kwargs = fam.requests.get((method, path), {})
+        theirs = as_b.request(method, fill(path, fam.owned), **kwargs)
+        missing = as_b.request(method, fill(path, fam.missing), **kwargs)
+        where = f"{method} {path}"
+        assert theirs.status_code in (403, 404), f"{where}: {theirs.status_code} {theirs.text[:300]}"
+        assert_no_leak(theirs, where)
+        # Indistinguishable: the same answer as for a name nothing has, but for the name itself.
+        same = missing.text
+        for key, value in fam.missing.items():
+            same = same.replace(value, fam.owned[key])
+        assert (theirs.status_code, theirs.text) == (missing.status_code, same), where
+    # Nothing B sent changed A's data.
+    assert as_a.get(f"/v1/collections/{COLLECTION}").json()["documents"] == len(A_DOCS)
+    for doc_id, doc in A_DOCS.items():
+        got = as_a.get(f"/v1/collections/{COLLECTION}/documents/{doc_id}").json()
+        assert (got["text"], got["metadata"], got["version"]) == (doc["text"], doc["metadata"], 1)
+
+
+def test_listing_shows_only_the_callers_collections(as_a, as_b):
+    listed = as_b.get("/v1/collections")
+    assert listed.status_code == 200 and COLLECTION not in [c["name"] for c in listed.json()["data"]]
+    assert_no_leak(listed, "GET /v1/collections")
+    assert COLLECTION in [c["name"] for c in as_a.get("/v1/collections").json()["data"]]
+
+
+def test_each_tenant_has_its_own_collection_of_the_same_name(as_a, as_b):
+    created = as_b.post("/v1/collections", json={"name": COLLECTION})
+    assert created.status_code == 201, created.text
+    assert created.json()["documents"] == 0
+    docs = f"/v1/collections/{COLLECTION}/documents"
+    # The same doc id as one of A's, too: only A's content may not show.
+    assert as_b.put(f"{docs}/lease-2031", json={"text": B_TEXT}).json()["version"] == 1
+    a_only = [leak for leak in LEAKS if leak != "lease-2031"]
+    try:
+        for answer in (
+            as_b.get(f"/v1/collections/{COLLECTION}"),
+            as_b.get(docs),
+            as_b.get(f"{docs}/lease-2031"),
+            as_b.post(f"/v1/collections/{COLLECTION}/search", json={"query": "harbour lease fees", "top_k": 10}),
+        ):
+            assert_no_leak(answer, str(answer.request.url), a_only)
+        # A document only A has, in B's collection of the same name: missing, as any other.
+        theirs, missing = as_b.get(f"{docs}/fees-2030"), as_b.get(f"{docs}/never-was")
+        assert (theirs.status_code, theirs.text) == (404, missing.text.replace("never-was", "fees-2030"))
+        assert [d["doc_id"] for d in as_b.get(docs).json()["data"]] == ["lease-2031"]
+        for mode in ("dense", "keyword", "hybrid"):
+            hits = as_b.post(f"/v1/collections/{COLLECTION}/search",
+                             json={"query": "lease warehouse harbour", "mode": mode, "top_k": 10}).json()["data"]
+            assert [h["text"] for h in hits] == [B_TEXT], mode
+    finally:
+        assert as_b.delete(f"/v1/collections/{COLLECTION}").status_code == 200
+    # A's collection is whole after B wrote to and deleted its own of the same name.
+    assert as_a.get(f"/v1/collections/{COLLECTION}").json()["documents"] == len(A_DOCS)
+    assert as_a.get(f"{docs}/lease-2031").json()["text"] == A_DOCS["lease-2031"]["text"]
+    hits = as_a.post(f"/v1/collections/{COLLECTION}/search", json={"query": "harbour lease", "top_k": 1}).json()["data"]
+    assert [h["doc_id"] for h in hits] == ["lease-2031"] and SECRET in hits[0]["text"]
