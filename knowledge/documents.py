@@ -15,6 +15,9 @@ from knowledge.errors import InvalidCollectionName, InvalidDocument
 Scalar = str | int | float | bool
 Metadata = dict[str, Scalar]
 
+# Whose collections a caller sees: its API key's tenant, or this one when auth is off. Data
+# stored before tenancy existed belongs to it.
+DEFAULT_TENANT = "default"
 COLLECTION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{2,62}")
 # Keys travel into Chroma metadata and into SQLite JSON paths ($."key"), so no quotes or `$`;
 # a leading "_" is reserved for lorag's own chunk fields (_doc_id, _version, ...).

@@ -18,6 +18,7 @@ from service.adapters.service import AdapterService
 from service.auth.guard import Guard, knowledge_scope, require
 from service.auth.keys import KeyStore
 from service.body_limit import BodyLimit
+from service.drain import Drain, DrainGate
 from service.request_id import RequestId
 from service.chat.retrieval import Retrieval, load_builder
 from service.chat.router import router as chat_router
@@ -67,6 +68,7 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
         base = await to_thread.run_sync(_base_info, settings)
         adapters = AdapterService(settings, registry, engines, LoraEndpoints(http), base, metrics)
         engines.set_sync(adapters.sync)
+        metrics.watch_engines(lambda: engines.engines)
         catalog = ModelCatalog(settings.served_model_name, registry)
         # Measured on 2 cores beside vLLM: a query embeds in 12 ms with one torch thread and
         # in 146 ms with two, whose OpenMP threads fight the engine's for the same cores.
@@ -117,6 +119,8 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
         upload_max_bytes=settings.max_upload_bytes,
         upload_paths=r"/v1/collections/[^/]+/(files|documents/bulk)|/v1/adapters/[^/]+/versions",
     )
+    app.state.drain = Drain()  # started by the server on SIGTERM (service.drain)
+    app.add_middleware(DrainGate, drain=app.state.drain)
     app.add_middleware(RequestId)  # outermost: every response carries the id, even a refused body
     install_error_handlers(app)
     app.include_router(chat_router, dependencies=[require("chat")])

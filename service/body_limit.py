@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import re
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BodyTooLarge, envelope
+from service.errors import BodyTooLarge, InvalidRequest, send_error
 
 
 class BodyLimit:
@@ -27,11 +26,10 @@ class BodyLimit:
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
-                await _refuse(send, 400, envelope("Content-Length is not a number", "invalid_request_error"))
+                await send_error(send, InvalidRequest("Content-Length is not a number"))
                 return
             if int(declared) > limit:
-                error = BodyTooLarge(limit)
-                await _refuse(send, 413, envelope(error.message, error.type, code=error.code))
+                await send_error(send, BodyTooLarge(limit))
                 return
         else:
             # A chunked body has no Content-Length: read it here, up to the limit, and replay it.
@@ -44,8 +42,7 @@ class BodyLimit:
                 chunks.append(message.get("body", b""))
                 received += len(chunks[-1])
                 if received > limit:
-                    error = BodyTooLarge(limit)
-                    await _refuse(send, 413, envelope(error.message, error.type, code=error.code))
+                    await send_error(send, BodyTooLarge(limit))
                     return
                 more = message.get("more_body", False)
             body, upstream, replayed = b"".join(chunks), receive, False
@@ -60,13 +57,3 @@ class BodyLimit:
             receive = replay
 
         await self.app(scope, receive, send)
-
-
-async def _refuse(send: Send, status: int, body: dict) -> None:
-    payload = json.dumps(body).encode()
-    await send({
-        "type": "http.response.start",
-        "status": status,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())],
-    })
-    await send({"type": "http.response.body", "body": payload})

@@ -184,9 +184,8 @@ def _demo(settings: Settings, args: list[str]) -> int:
 
 
 def _serve(settings: Settings) -> int:
-    import uvicorn
-
     from service.app import create_app
+    from service.drain import serve
 
     from service.request_id import JsonFormatter, RequestIdFilter
 
@@ -207,10 +206,9 @@ def _serve(settings: Settings) -> int:
         if not (settings.model_path / "config.json").exists():
             log.error("LORAG_MODEL=%s is not a model directory (no config.json)", settings.model_path)
             return 2
-    # On SIGTERM uvicorn stops listening at once, lets requests in flight (streams too) finish
-    # for up to the drain timeout, and only then runs the lifespan's shutdown: the engine stops last.
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                timeout_graceful_shutdown=settings.drain_timeout_s)
+    # On SIGTERM: drain (503 to new requests, those in flight finish), then stop; the engine stops last.
+    app = create_app(settings)
+    serve(app, settings.host, settings.port, app.state.drain, settings.drain_timeout_s)
     return 0
 
 

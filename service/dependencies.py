@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import Request
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from knowledge.documents import DEFAULT_TENANT
 
 from service.adapters.service import AdapterService
 from service.chat.service import ChatService
@@ -34,3 +38,13 @@ def get_adapters(request: Request) -> AdapterService:
 
 def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
+
+
+def get_tenant(request: Request) -> str:
+    """The caller's tenant: its key's, or the default tenant's when auth is off (loopback only).
+    Every name a request carries (collection, adapter, model) is resolved inside it."""
+    key = getattr(request.state, "api_key", None)
+    return key.tenant if key is not None else DEFAULT_TENANT
+
+
+Tenant = Annotated[str, Depends(get_tenant)]

@@ -5,6 +5,7 @@ Envelope (OpenAI's shape): {"error": {"message", "type", "param", "code"}}.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 
@@ -12,6 +13,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Send
 
 from knowledge.errors import CollectionExists, CollectionNotFound, DocumentNotFound, KnowledgeError
 from knowledge.parsing import UnreadableFile, UnsupportedFile
@@ -102,6 +104,17 @@ class EngineUnavailable(LoragError):
         super().__init__(message, code="engine_unavailable")
 
 
+class Draining(LoragError):
+    """The service is shutting down: it lets requests in flight finish and takes no new ones."""
+
+    status_code = 503
+    type = "service_unavailable"
+    retry_after = 1
+
+    def __init__(self) -> None:
+        super().__init__("this instance is shutting down; retry, and another instance will answer", code="draining")
+
+
 class EngineError(LoragError):
     """The engine answered with a server error or broke the connection."""
 
@@ -180,6 +193,19 @@ def _snake(name: str) -> str:
 
 def envelope(message: str, type_: str, param: str | None = None, code: str | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+async def send_error(send: Send, error: LoragError, headers: dict[str, str] | None = None) -> None:
+    """The error envelope, sent from ASGI middleware (outside FastAPI's handlers)."""
+    payload = json.dumps(envelope(error.message, error.type, error.param, error.code)).encode()
+    extra = {**(error.extra_headers() or {}), **(headers or {})}
+    await send({
+        "type": "http.response.start",
+        "status": error.status_code,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+                    *((k.lower().encode(), v.encode()) for k, v in extra.items())],
+    })
+    await send({"type": "http.response.body", "body": payload})
 
 
 def _respond(status: int, body: dict, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -2,8 +2,16 @@
 
 This is the desired state that every engine is brought to. It lives in the service's
 SQLite store and is mirrored in memory, so that resolving a request's `model` reads no
-disk. A version's files live at `<adapters root>/<name>/<version>/` and never change:
-a version *is* its content (the first 12 hex digits of its files' sha256).
+disk. A version's files never change: a version *is* its content (the first 12 hex
+digits of its files' sha256).
+
+Every adapter belongs to a tenant, and names are the tenant's own: two tenants may each
+have "legal". Inside, an adapter is known by its key, "legal" for the default tenant (as
+before tenancy existed) and "acme/legal" for tenant acme ("/" is in neither a name nor a
+tenant, so keys never collide). The key is what the SQLite rows hold and, with the
+version, the name the engines serve it under. Files live under the tenant's area:
+`<root>/<name>/<version>/` for the default tenant, `<root>/@<tenant>/<name>/<version>/`
+for the others ("@" starts no name).
 """
 
 from __future__ import annotations
@@ -17,11 +25,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from knowledge.documents import DEFAULT_TENANT
 from service.adapters.inspection import AdapterFacts
 from service.errors import AdapterConflict, AdapterNotFound, InvalidRequest
 
 NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # fullmatch: "$" would let a trailing newline in
 VERSION_CHARS = 12
+STAGING = ".staging"  # uploads being checked; starts no name, so it is no tenant's
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
@@ -45,8 +55,18 @@ CREATE TABLE IF NOT EXISTS adapter_activations (
 """
 
 
+def adapter_key(tenant: str, name: str) -> str:
+    return name if tenant == DEFAULT_TENANT else f"{tenant}/{name}"
+
+
+def _split_key(key: str) -> tuple[str, str]:
+    tenant, _, name = key.rpartition("/")
+    return tenant or DEFAULT_TENANT, name
+
+
 @dataclass(frozen=True)
 class Version:
+    tenant: str
     name: str
     version: str
     path: Path
@@ -55,12 +75,18 @@ class Version:
 
     @property
     def served(self) -> str:
-        """The unique name the engines know this version by."""
+        """The name the engines know this version by, unique across tenants."""
+        return f"{adapter_key(self.tenant, self.name)}@{self.version}"
+
+    @property
+    def pinned(self) -> str:
+        """The name its tenant's clients pin it by (and see in answers)."""
         return f"{self.name}@{self.version}"
 
 
 @dataclass
 class Adapter:
+    tenant: str
     name: str
     created: float
     active: str | None = None
@@ -84,48 +110,59 @@ class Registry:
     def __init__(self, db_path: Path, root: Path):
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(root / ".staging", ignore_errors=True)  # uploads cut short by a crash
+        shutil.rmtree(root / STAGING, ignore_errors=True)  # uploads cut short by a crash
         db_path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
-        self._adapters = self._load()
+        self._adapters = self._load()  # by key
 
     def close(self) -> None:
         self._db.close()
 
+    def area(self, tenant: str) -> Path:
+        """The folder a tenant's adapters live in."""
+        return self.root if tenant == DEFAULT_TENANT else self.root / f"@{tenant}"
+
     # Reads (memory only)
 
-    def adapters(self) -> list[Adapter]:
-        return sorted(self._adapters.values(), key=lambda a: a.name)
+    def adapters(self, tenant: str) -> list[Adapter]:
+        return sorted((a for a in self._adapters.values() if a.tenant == tenant), key=lambda a: a.name)
 
-    def get(self, name: str) -> Adapter:
-        adapter = self._adapters.get(name)
+    def get(self, tenant: str, name: str) -> Adapter:
+        adapter = self.find(tenant, name)
         if adapter is None:
-            known = ", ".join(sorted(self._adapters)) or "none"
+            known = ", ".join(a.name for a in self.adapters(tenant)) or "none"
             raise AdapterNotFound(f"adapter {name!r} does not exist; known adapters: {known}")
         return adapter
 
-    def version(self, name: str, version: str) -> Version:
-        adapter = self.get(name)
+    def version(self, tenant: str, name: str, version: str) -> Version:
+        adapter = self.get(tenant, name)
         found = adapter.versions.get(version)
         if found is None:
             known = ", ".join(adapter.versions) or "none"
             raise AdapterNotFound(f"adapter {name!r} has no version {version!r}; its versions: {known}")
         return found
 
-    def find(self, name: str) -> Adapter | None:
-        return self._adapters.get(name)
+    def find(self, tenant: str, name: str) -> Adapter | None:
+        return self._adapters.get(adapter_key(tenant, name))
+
+    def served(self, served: str) -> Version | None:
+        """The version an engine-side name stands for, of any tenant."""
+        key, _, version = served.partition("@")
+        adapter = self._adapters.get(key)
+        return adapter.versions.get(version) if adapter else None
 
     def active(self) -> list[Version]:
+        """Every tenant's active versions: what every engine must have loaded."""
         return [v for a in self._adapters.values() if (v := a.active_version()) is not None]
 
-    def previous(self, name: str) -> str | None:
+    def previous(self, tenant: str, name: str) -> str | None:
         """The version that was active before the current one (and still exists), for rollback."""
-        adapter = self.get(name)
+        adapter = self.get(tenant, name)
         rows = self._db.execute(
-            "SELECT version FROM adapter_activations WHERE name = ? ORDER BY seq DESC", (name,)
+            "SELECT version FROM adapter_activations WHERE name = ? ORDER BY seq DESC", (adapter_key(tenant, name),)
         ).fetchall()
         for (version,) in rows:
             if version != adapter.active and version in adapter.versions:
@@ -134,14 +171,15 @@ class Registry:
 
     # Writes (SQLite first, then memory); all run on the event loop, one at a time.
 
-    def add(self, name: str, facts: AdapterFacts, staged: Path) -> tuple[Version, bool]:
+    def add(self, tenant: str, name: str, facts: AdapterFacts, staged: Path) -> tuple[Version, bool]:
         """Move a validated, staged folder into place as a version; (version, False) if it already exists."""
         version_id = facts.content_hash[:VERSION_CHARS]
-        adapter = self._adapters.get(name)
+        key = adapter_key(tenant, name)
+        adapter = self._adapters.get(key)
         if adapter is not None and version_id in adapter.versions:
             shutil.rmtree(staged, ignore_errors=True)
             return adapter.versions[version_id], False
-        final = self.root / name / version_id
+        final = self.area(tenant) / name / version_id
         final.parent.mkdir(parents=True, exist_ok=True)
         if final.exists():  # left by a crash between the move and the commit
             shutil.rmtree(final)
@@ -150,60 +188,59 @@ class Registry:
         stored = asdict(facts)
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("INSERT OR IGNORE INTO adapters (name, created) VALUES (?, ?)", (name, now))
+            self._db.execute("INSERT OR IGNORE INTO adapters (name, created) VALUES (?, ?)", (key, now))
             self._db.execute(
                 "INSERT INTO adapter_versions (name, version, facts, created) VALUES (?, ?, ?, ?)",
-                (name, version_id, json.dumps(stored), now),
+                (key, version_id, json.dumps(stored), now),
             )
         if adapter is None:
-            adapter = self._adapters[name] = Adapter(name, now)
-        version = Version(name, version_id, final, stored, now)
+            adapter = self._adapters[key] = Adapter(tenant, name, now)
+        version = Version(tenant, name, version_id, final, stored, now)
         adapter.versions[version_id] = version
         return version, True
 
-    def set_active(self, name: str, version: str) -> None:
-        self.version(name, version)
+    def set_active(self, version: Version) -> None:
+        key = adapter_key(version.tenant, version.name)
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("UPDATE adapters SET active = ? WHERE name = ?", (version, name))
+            self._db.execute("UPDATE adapters SET active = ? WHERE name = ?", (version.version, key))
             self._db.execute(
-                "INSERT INTO adapter_activations (name, version, at) VALUES (?, ?, ?)", (name, version, time.time())
+                "INSERT INTO adapter_activations (name, version, at) VALUES (?, ?, ?)",
+                (key, version.version, time.time()),
             )
-        self._adapters[name].active = version
+        self._adapters[key].active = version.version
 
-    def remove_version(self, name: str, version: str) -> Version:
-        found = self.version(name, version)
-        if self._adapters[name].active == version:
+    def remove_version(self, found: Version) -> None:
+        key = adapter_key(found.tenant, found.name)
+        if self._adapters[key].active == found.version:
             raise AdapterConflict(
-                f"{found.served} is the active version of {name!r}; activate another version first",
+                f"{found.pinned} is the active version of {found.name!r}; activate another version first",
                 code="version_active",
             )
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM adapter_versions WHERE name = ? AND version = ?", (name, version))
-            self._db.execute("DELETE FROM adapter_activations WHERE name = ? AND version = ?", (name, version))
-        del self._adapters[name].versions[version]
+            self._db.execute("DELETE FROM adapter_versions WHERE name = ? AND version = ?", (key, found.version))
+            self._db.execute("DELETE FROM adapter_activations WHERE name = ? AND version = ?", (key, found.version))
+        del self._adapters[key].versions[found.version]
         shutil.rmtree(found.path, ignore_errors=True)
-        return found
 
-    def remove(self, name: str) -> Adapter:
-        adapter = self.get(name)
+    def remove(self, adapter: Adapter) -> None:
+        key = adapter_key(adapter.tenant, adapter.name)
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM adapter_activations WHERE name = ?", (name,))
-            self._db.execute("DELETE FROM adapters WHERE name = ?", (name,))
-        del self._adapters[name]
-        shutil.rmtree(self.root / name, ignore_errors=True)
-        return adapter
+            self._db.execute("DELETE FROM adapter_activations WHERE name = ?", (key,))
+            self._db.execute("DELETE FROM adapters WHERE name = ?", (key,))
+        del self._adapters[key]
+        shutil.rmtree(self.area(adapter.tenant) / adapter.name, ignore_errors=True)
 
     def _load(self) -> dict[str, Adapter]:
-        adapters = {
-            name: Adapter(name, created, active)
-            for name, active, created in self._db.execute("SELECT name, active, created FROM adapters")
-        }
-        for name, version, facts, created in self._db.execute(
+        adapters = {}
+        for key, active, created in self._db.execute("SELECT name, active, created FROM adapters"):
+            adapters[key] = Adapter(*_split_key(key), created, active)
+        for key, version, facts, created in self._db.execute(
             "SELECT name, version, facts, created FROM adapter_versions"
         ):
-            adapters[name].versions[version] = Version(name, version, self.root / name / version, json.loads(facts), created)
+            adapter = adapters[key]
+            path = self.area(adapter.tenant) / adapter.name / version
+            adapter.versions[version] = Version(adapter.tenant, adapter.name, version, path, json.loads(facts), created)
         return adapters
-

@@ -6,22 +6,22 @@ from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile,
 
 from service.adapters.schemas import Activate, ActivationOut, AdapterList, AdapterOut, Deleted, UploadOut
 from service.adapters.service import AdapterService
-from service.dependencies import get_adapters
+from service.dependencies import Tenant, get_adapters
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 Adapters = Annotated[AdapterService, Depends(get_adapters)]
 
 
 @router.get("", response_model=AdapterList)
-async def list_adapters(adapters: Adapters) -> dict:
-    """List adapters with their versions and where each version is loaded."""
-    return {"object": "list", "data": [adapters.describe(a) for a in adapters.registry.adapters()]}
+async def list_adapters(adapters: Adapters, tenant: Tenant) -> dict:
+    """List the tenant's adapters with their versions and where each version is loaded."""
+    return {"object": "list", "data": [adapters.describe(a) for a in adapters.registry.adapters(tenant)]}
 
 
 @router.get("/{name}", response_model=AdapterOut)
-async def get_adapter(name: str, adapters: Adapters) -> dict:
+async def get_adapter(name: str, adapters: Adapters, tenant: Tenant) -> dict:
     """One adapter: its versions, the active one, and each version's state on every engine."""
-    return adapters.describe(adapters.registry.get(name))
+    return adapters.describe(adapters.registry.get(tenant, name))
 
 
 @router.post(
@@ -34,16 +34,20 @@ async def upload_version(
     name: str,
     response: Response,
     adapters: Adapters,
+    tenant: Tenant,
     file: Annotated[
         UploadFile | None, File(description="A .tar, .tar.gz or .zip of adapter_config.json, "
                                 "adapter_model.safetensors and optionally lorag.json.")
     ] = None,
-    path: Annotated[str | None, Form(description="Instead of a file: a folder inside the adapters root.")] = None,
+    path: Annotated[
+        str | None, Form(description="Instead of a file: a folder inside your tenant's adapters folder, "
+                         "LORAG_ADAPTERS_ROOT (default tenant) or LORAG_ADAPTERS_ROOT/@TENANT.")
+    ] = None,
     activate: Annotated[bool, Query(description="Activate the version once it is registered.")] = False,
 ) -> dict:
     """Upload a version: validated, then canary-checked on an engine; nothing served changes unless `activate`."""
     archive = await file.read() if file is not None else None
-    version, created, report = await adapters.upload(name, archive, path, activate)
+    version, created, report = await adapters.upload(tenant, name, archive, path, activate)
     if not created:
         response.status_code = status.HTTP_200_OK
     return {"status": "created" if created else "unchanged", "version": adapters.describe_version(version),
@@ -51,26 +55,26 @@ async def upload_version(
 
 
 @router.post("/{name}/activate", response_model=ActivationOut)
-async def activate_version(name: str, body: Activate, adapters: Adapters) -> dict:
+async def activate_version(name: str, body: Activate, adapters: Adapters, tenant: Tenant) -> dict:
     """Hot-swap: load the version on every engine, flip `name` to it, unload the old one when idle."""
-    return await adapters.activate(name, body.version)
+    return await adapters.activate(tenant, name, body.version)
 
 
 @router.post("/{name}/rollback", response_model=ActivationOut)
-async def rollback(name: str, adapters: Adapters) -> dict:
+async def rollback(name: str, adapters: Adapters, tenant: Tenant) -> dict:
     """Activate the version that was active before the current one."""
-    return await adapters.rollback(name)
+    return await adapters.rollback(tenant, name)
 
 
 @router.delete("/{name}/versions/{version}", response_model=Deleted)
-async def delete_version(name: str, version: str, adapters: Adapters) -> dict:
+async def delete_version(name: str, version: str, adapters: Adapters, tenant: Tenant) -> dict:
     """Delete a version (409 while it is active or requests hold it)."""
-    await adapters.delete_version(name, version)
+    await adapters.delete_version(tenant, name, version)
     return {"adapter": name, "version": version}
 
 
 @router.delete("/{name}", response_model=Deleted)
-async def delete_adapter(name: str, adapters: Adapters) -> dict:
+async def delete_adapter(name: str, adapters: Adapters, tenant: Tenant) -> dict:
     """Delete an adapter and all its versions (409 while requests hold any of them)."""
-    await adapters.delete(name)
+    await adapters.delete(tenant, name)
     return {"adapter": name}

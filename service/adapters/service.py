@@ -27,7 +27,7 @@ from anyio import to_thread
 from service.adapters.archive import copy_folder, unpack
 from service.adapters.inspection import BaseModelInfo, inspect_adapter
 from service.adapters.leases import Lease, Leases
-from service.adapters.registry import VERSION_CHARS, Adapter, Registry, Version, check_name
+from service.adapters.registry import STAGING, VERSION_CHARS, Adapter, Registry, Version, adapter_key, check_name
 from service.engine.lora import EngineCallFailed, LoraEndpoints
 from service.engine.pool import Engine, EnginePool
 from service.errors import ActivationFailed, AdapterConflict, AdapterRejected, EngineUnavailable, InvalidRequest
@@ -96,27 +96,28 @@ class AdapterService:
     # Lifecycle
 
     async def upload(
-        self, name: str, archive: bytes | None, path: str | None, activate: bool
+        self, tenant: str, name: str, archive: bytes | None, path: str | None, activate: bool
     ) -> tuple[Version, bool, dict | None]:
-        """Validate, canary-check and register a version; (version, created, activation report)."""
+        """Validate, canary-check and register a version of the tenant's adapter `name`;
+        (version, created, activation report)."""
         check_name(name)
         if name == self._settings.served_model_name:
             raise InvalidRequest(f"{name!r} is the base model's name; pick another adapter name", param="name")
         if (archive is None) == (path is None):
-            raise InvalidRequest("send exactly one of: an archive file, or a path inside the adapters root")
+            raise InvalidRequest("send exactly one of: an archive file, or a path inside your adapters folder")
         if self._base is None:
             raise EngineUnavailable(
                 f"adapters cannot be validated: the base model's weights are not readable at "
                 f"{self._settings.model_path} (set LORAG_MODEL to a local copy of the served model)"
             )
-        staged = self._registry.root / ".staging" / uuid.uuid4().hex
+        staged = self._registry.root / STAGING / uuid.uuid4().hex
         limit = self._settings.max_upload_bytes
         try:
             try:
                 if archive is not None:
                     await to_thread.run_sync(unpack, archive, staged, limit)
                 else:
-                    await to_thread.run_sync(copy_folder, self._inside_root(path), staged, limit)
+                    await to_thread.run_sync(copy_folder, self._inside_area(tenant, path), staged, limit)
                 facts = await to_thread.run_sync(
                     inspect_adapter, staged, self._base, self._settings.engine_max_lora_rank
                 )
@@ -130,25 +131,27 @@ class AdapterService:
             if facts.base_fingerprint is None:  # validated against the served base: record which one
                 facts = dataclasses.replace(facts, base_fingerprint=self._base.fingerprint)
             async with self._changing:
-                existing = self._registry.find(name)
-                if existing is None or facts.content_hash[:VERSION_CHARS] not in existing.versions:
+                existing = self._registry.find(tenant, name)
+                version_id = facts.content_hash[:VERSION_CHARS]
+                if existing is None or version_id not in existing.versions:
                     # Its own engine-side name: the version's name is only ever loaded from its final path.
-                    await self._canary(f"{name}@{facts.content_hash[:VERSION_CHARS]}#canary", staged)
-                version, created = self._registry.add(name, facts, staged)
+                    await self._canary(f"{adapter_key(tenant, name)}@{version_id}#canary", staged)
+                version, created = self._registry.add(tenant, name, facts, staged)
                 log.info("adapter %s %s", version.served, "registered" if created else "already registered")
                 report = await self._activate(version) if activate else None
         finally:
             shutil.rmtree(staged, ignore_errors=True)
         return version, created, report
 
-    async def activate(self, name: str, version: str) -> dict[str, Any]:
+    async def activate(self, tenant: str, name: str, version: str) -> dict[str, Any]:
         async with self._changing:  # resolved inside: a delete may have run while we waited
-            return await self._activate(self._registry.version(name, version))
+            return await self._activate(self._registry.version(tenant, name, version))
 
     async def _activate(self, target: Version) -> dict[str, Any]:
         started = time.perf_counter()
         name = target.name
-        previous = self._registry.get(name).active
+        old = self._registry.get(target.tenant, name).active_version()
+        previous = old.version if old else None
         if previous == target.version:
             return self._report(target, previous, started, changed=False)
         with self.leases.acquire(target.served):  # desired while it loads: sync must not unload it
@@ -156,39 +159,38 @@ class AdapterService:
             if failures:
                 self._retire(target.served)
                 raise ActivationFailed(
-                    f"{target.served} was not activated, {name}@{previous or '-'} keeps serving: "
+                    f"{target.pinned} was not activated, {name}@{previous or '-'} keeps serving: "
                     + "; ".join(failures)
                 )
-            self._registry.set_active(name, target.version)
+            self._registry.set_active(target)
         log.info("adapter %s active (was %s)", target.served, previous or "none")
-        if previous:
-            self._retire(f"{name}@{previous}")
+        if old is not None:
+            self._retire(old.served)
         return self._report(target, previous, started, changed=True)
 
-    async def rollback(self, name: str) -> dict[str, Any]:
-        previous = self._registry.previous(name)
+    async def rollback(self, tenant: str, name: str) -> dict[str, Any]:
+        previous = self._registry.previous(tenant, name)
         if previous is None:
             raise AdapterConflict(f"adapter {name!r} has no earlier version to roll back to", code="no_previous_version")
-        return await self.activate(name, previous)
+        return await self.activate(tenant, name, previous)
 
-    async def delete_version(self, name: str, version: str) -> Version:
+    async def delete_version(self, tenant: str, name: str, version: str) -> None:
         async with self._changing:
-            found = self._registry.version(name, version)
+            found = self._registry.version(tenant, name, version)
             self._refuse_if_held(found)
-            removed = self._registry.remove_version(name, version)
-        await self._unload_everywhere(removed.served)
-        self._metrics.forget(name, version)
-        return removed
+            self._registry.remove_version(found)
+        await self._unload_everywhere(found.served)
+        self._metrics.forget(found)
 
-    async def delete(self, name: str) -> None:
+    async def delete(self, tenant: str, name: str) -> None:
         async with self._changing:
-            adapter = self._registry.get(name)
+            adapter = self._registry.get(tenant, name)
             for version in adapter.versions.values():
                 self._refuse_if_held(version)
-            self._registry.remove(name)
+            self._registry.remove(adapter)
         for version in adapter.versions.values():
             await self._unload_everywhere(version.served)
-            self._metrics.forget(name, version.version)
+            self._metrics.forget(version)
 
     # Desired state
 
@@ -207,7 +209,7 @@ class AdapterService:
             engine.loaded = await self._lora.loaded(engine)
         refused: set[str] = set()
         for _ in range(3):
-            missing = [v for s in self.desired() - engine.loaded - refused if (v := self._by_served(s))]
+            missing = [v for s in self.desired() - engine.loaded - refused if (v := self._registry.served(s))]
             if not missing:
                 break
             for version in missing:
@@ -224,7 +226,7 @@ class AdapterService:
 
     def describe_version(self, version: Version) -> dict[str, Any]:
         """A version's facts, whether it is active, where it is loaded, how many requests hold it."""
-        adapter = self._registry.find(version.name)
+        adapter = self._registry.find(version.tenant, version.name)
         return {
             **version.facts,
             "version": version.version,
@@ -251,7 +253,9 @@ class AdapterService:
                     if raise_unreachable and exc.status is None:
                         raise
                     return str(exc)
-                self._metrics.adapter_load.labels(version.name, version.version).observe(time.perf_counter() - started)
+                self._metrics.adapter_load.labels(*self._metrics.version_labels(version)).observe(
+                    time.perf_counter() - started
+                )
                 return None
 
         results = await asyncio.gather(*(load(e) for e in engines))
@@ -284,29 +288,28 @@ class AdapterService:
         held = self.leases.count(version.served)
         if held:
             raise AdapterConflict(
-                f"{version.served} is held by {held} request(s) in flight; retry when they have finished",
+                f"{version.pinned} is held by {held} request(s) in flight; retry when they have finished",
                 code="version_in_use",
             )
 
-    def _by_served(self, served: str) -> Version | None:
-        name, _, version = served.partition("@")
-        adapter = self._registry.find(name)
-        return adapter.versions.get(version) if adapter else None
-
-    def _inside_root(self, path: str) -> Path:
+    def _inside_area(self, tenant: str, path: str) -> Path:
+        """A folder inside the tenant's own adapters area, never in another tenant's (nor in
+        uploads being checked): a path names files, so it must not reach anyone else's."""
+        area = self._registry.area(tenant).resolve()
         root = self._registry.root.resolve()
         try:
-            candidate = (root / path).resolve()
-            folder = candidate != root and candidate.is_dir()
+            candidate = (area / path).resolve()
+            folder = candidate != area and candidate.is_dir()
         except (ValueError, OSError) as exc:  # a NUL byte, a name too long, ...
             raise InvalidRequest(f"path {path[:200]!r} is not usable: {exc}", param="path") from None
-        if not candidate.is_relative_to(root):
+        first = candidate.relative_to(root).parts[0] if candidate.is_relative_to(root) and candidate != root else ""
+        if not candidate.is_relative_to(area) or first == STAGING or (area == root and first.startswith("@")):
             raise InvalidRequest(
-                f"path {path!r} is not inside the adapters root {root}; copy the adapter folder there first",
+                f"path {path!r} is not inside your adapters folder; copy the adapter folder there first",
                 param="path",
             )
         if not folder:
-            raise InvalidRequest(f"path {path!r} is not a folder inside the adapters root", param="path")
+            raise InvalidRequest(f"path {path!r} is not a folder inside your adapters folder", param="path")
         return candidate
 
     async def _canary(self, served: str, folder: Path) -> None:

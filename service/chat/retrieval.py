@@ -15,7 +15,6 @@ from anyio import to_thread
 from jinja2 import TemplateError
 
 from knowledge import KnowledgeBase
-from knowledge.documents import DEFAULT_TENANT
 from knowledge.prompting import PromptBuilder
 from service.chat.query_embedding import QueryEmbedder
 from service.chat.schemas import ChatCompletionRequest
@@ -54,7 +53,7 @@ class Retrieval:
         max_tokens: int,
         declared: dict[str, Any] | None = None,
         *,
-        tenant: str = DEFAULT_TENANT,
+        tenant: str,
     ) -> Grounding:
         """Search (the collection is looked up in the caller's `tenant`) and build the grounded messages.
         Each option comes from the request, else from the adapter version's declared defaults

@@ -45,6 +45,7 @@ class Admission:
     started: float
     wants_usage: bool = False  # the client asked for the usage chunk in its stream
     grounding: Grounding | None = None
+    waiting: bool = False  # sent to an engine that has not answered yet (the queue-depth gauge)
     ended: bool = False
 
 
@@ -68,13 +69,14 @@ class ChatService:
         self._metrics = metrics
         self._in_flight = 0  # admitted and not yet ended
 
-    async def admit(self, request: ChatCompletionRequest) -> Admission:
-        """Check the limits, resolve and hold the model's version, retrieve if asked, build the engine's body."""
+    async def admit(self, request: ChatCompletionRequest, tenant: str) -> Admission:
+        """Check the limits, resolve (in the caller's tenant) and hold the model's version, retrieve
+        if asked, build the engine's body."""
         self._check_limits(request)
         s = self._settings
         body = request.model_dump(exclude_unset=True, exclude={"rag"})
         # Resolved once, here: the request keeps this version to its end, whatever is activated meanwhile.
-        target = self._catalog.resolve(request.model)
+        target = self._catalog.resolve(tenant, request.model)
         # vLLM queues without bound; past this many, a quick 429 beats a slow timeout.
         capacity = s.max_inflight_per_engine * max(1, len(self._engines.up()))
         if self._in_flight >= capacity:
@@ -96,8 +98,10 @@ class ChatService:
                 body["stream_options"] = {**options, "include_usage": True}  # for the token metrics
             if self._retrieval.wanted(request, target.rag):
                 max_tokens = body.get("max_completion_tokens") or body["max_tokens"]
-                admission.grounding = await self._retrieval.ground(request, max_tokens, target.rag)
+                admission.grounding = await self._retrieval.ground(request, max_tokens, target.rag, tenant=tenant)
                 body["messages"] = admission.grounding.messages
+                for stage, ms in admission.grounding.summary["timings_ms"].items():
+                    self._metrics.retrieval.labels(tenant, stage).observe(ms / 1000)
         except BaseException:
             self.end(admission, "rejected")
             raise
@@ -108,6 +112,7 @@ class ChatService:
         if admission.ended:
             return
         admission.ended = True
+        self._answered(admission)
         self._in_flight -= 1
         self._metrics.in_flight.dec()
         if admission.lease is not None:
@@ -119,6 +124,16 @@ class ChatService:
             count = (usage or {}).get(f"{kind}_tokens")
             if isinstance(count, int):
                 self._metrics.tokens.labels(*labels, kind).inc(count)
+
+    def _answered(self, admission: Admission, first_token: bool = False) -> None:
+        """The engine's first answer arrived (or the request ended without one)."""
+        if admission.waiting:
+            admission.waiting = False
+            self._metrics.waiting.dec()
+            if first_token:
+                self._metrics.first_token.labels(*admission.target.labels).observe(
+                    time.perf_counter() - admission.started
+                )
 
     def _check_limits(self, request: ChatCompletionRequest) -> None:
         s = self._settings
@@ -155,10 +170,12 @@ class ChatService:
                 raise EngineError(f"the engine broke off the response: {exc}") from exc
             finally:
                 await response.aclose()
+            self._answered(admission)
             try:
                 answer = response.json()
             except ValueError as exc:
                 raise EngineError(f"the engine answered with something that is not JSON: {exc}") from exc
+            answer["model"] = admission.target.shown
             outcome = "ok"
         finally:
             self.end(admission, outcome, answer.get("usage") if answer else None)
@@ -182,6 +199,8 @@ class ChatService:
         request = self._http.build_request(
             "POST", f"{engine.url}/v1/chat/completions", json=admission.body, timeout=self._timeout()
         )
+        admission.waiting = True
+        self._metrics.waiting.inc()
         try:
             response = await self._http.send(request, stream=True)
         except httpx.ConnectError as exc:
@@ -209,6 +228,9 @@ class ChatService:
         The usage chunk (always asked for, for the metrics) is passed on only if the client asked.
         """
         grounding = admission.grounding
+        target = admission.target
+        # Another tenant's engine-side name ("acme/legal@v") is shown as the client knows it ("legal@v").
+        renamed = (f'"model":"{target.served}"'.encode(), f'"model":"{target.shown}"'.encode())
         pending = b""
         done = False
         head: dict[str, Any] | None = None  # id, created, model of the stream, for the citations chunk
@@ -225,6 +247,8 @@ class ChatService:
                     if frame == b"data: [DONE]":
                         done = True
                         break
+                    if renamed[0] != renamed[1]:
+                        frame = frame.replace(*renamed)
                     if head is None and grounding is not None and frame.startswith(b"data: {"):
                         first = json.loads(frame[len(b"data: "):])
                         head = {k: first.get(k) for k in ("id", "created", "model")}
@@ -232,6 +256,8 @@ class ChatService:
                         usage = json.loads(frame[len(b"data: "):]).get("usage")
                         if not admission.wants_usage:
                             continue
+                    elif admission.waiting:
+                        self._answered(admission, first_token=True)
                     yield frame + b"\n\n"
                 if done:
                     break

@@ -1,7 +1,8 @@
 """The model names clients may ask for, and what each one means to the engine.
 
 `model` is the base model's name, an adapter's name (its active version, resolved
-once, at admission) or `name@version` (pinned).
+once, at admission) or `name@version` (pinned). Adapter names are the caller's
+tenant's own: another tenant's adapters are not there, for listing or for chat.
 """
 
 from __future__ import annotations
@@ -18,13 +19,21 @@ from service.errors import AdapterConflict, ModelNotFound
 class Target:
     """What a request's `model` resolved to: the engine-side name and, for an adapter, its version."""
 
+    tenant: str  # the caller's
     served: str
     version: Version | None = None
 
     @property
-    def labels(self) -> tuple[str, str]:
-        """(adapter, version) metric labels; the base model is (its name, "base")."""
-        return (self.version.name, self.version.version) if self.version else (self.served, "base")
+    def shown(self) -> str:
+        """The model name the client sees in the answer: never another tenant's key."""
+        return self.version.pinned if self.version else self.served
+
+    @property
+    def labels(self) -> tuple[str, str, str]:
+        """(tenant, adapter, version) metric labels; the base model is (tenant, its name, "base")."""
+        return (self.tenant, self.version.name, self.version.version) if self.version else (
+            self.tenant, self.served, "base"
+        )
 
     @property
     def rag(self) -> dict[str, Any] | None:
@@ -42,18 +51,19 @@ class ModelCatalog:
     def base(self) -> str:
         return self._base
 
-    def names(self) -> list[str]:
-        return [card["id"] for card in self.listing()]
+    def names(self, tenant: str) -> list[str]:
+        return [card["id"] for card in self.listing(tenant)]
 
-    def resolve(self, name: str) -> Target:
-        """The target for a client's `model`; ModelNotFound lists the known names."""
+    def resolve(self, tenant: str, name: str) -> Target:
+        """The target for a client's `model`; ModelNotFound lists the names the tenant knows."""
         if name == self._base:
-            return Target(self._base)
+            return Target(tenant, self._base)
         adapter_name, pinned, version = name.partition("@")
-        adapter = self._registry.find(adapter_name)
+        adapter = self._registry.find(tenant, adapter_name)
         if adapter is not None:
             if pinned and version in adapter.versions:
-                return Target(name, adapter.versions[version])
+                found = adapter.versions[version]
+                return Target(tenant, found.served, found)
             if not pinned:
                 active = adapter.active_version()
                 if active is None:
@@ -62,17 +72,17 @@ class ModelCatalog:
                         f"{name}@VERSION ({', '.join(adapter.versions)})",
                         code="no_active_version",
                     )
-                return Target(active.served, active)
-        raise ModelNotFound(name, self.names())
+                return Target(tenant, active.served, active)
+        raise ModelNotFound(name, self.names(tenant))
 
-    def listing(self) -> list[dict]:
+    def listing(self, tenant: str) -> list[dict]:
         cards = [{"id": self._base, "object": "model", "created": self._created, "owned_by": "lorag"}]
-        for adapter in self._registry.adapters():
+        for adapter in self._registry.adapters(tenant):
             active = adapter.active_version()
             if active is not None:
                 cards.append({"id": adapter.name, "object": "model", "created": int(adapter.created),
                               "owned_by": "lorag", "parent": self._base, "version": active.version})
             for v in adapter.versions.values():
-                cards.append({"id": v.served, "object": "model", "created": int(v.created), "owned_by": "lorag",
+                cards.append({"id": v.pinned, "object": "model", "created": int(v.created), "owned_by": "lorag",
                               "parent": self._base, "version": v.version})
         return cards

@@ -4,7 +4,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends
 
-from service.dependencies import get_catalog
+from service.dependencies import Tenant, get_catalog
 from service.models.catalog import ModelCatalog
 from service.models.schemas import ModelList
 
@@ -12,6 +12,6 @@ router = APIRouter(tags=["models"])
 
 
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(catalog: Annotated[ModelCatalog, Depends(get_catalog)]) -> dict:
-    """List the models that `model` may name (OpenAI list shape)."""
-    return {"object": "list", "data": catalog.listing()}
+async def list_models(catalog: Annotated[ModelCatalog, Depends(get_catalog)], tenant: Tenant) -> dict:
+    """List the models that `model` may name: the base model and the caller's tenant's adapters (OpenAI list shape)."""
+    return {"object": "list", "data": catalog.listing(tenant)}

@@ -135,9 +135,9 @@ def test_upload_activate_route_roll_back_and_delete(gateway, made, tiny_model):
     assert f"legal@{v2}" not in engine_adapters(gateway)
 
     metrics = httpx.get(url(gateway, "/metrics")).text
-    assert f'lorag_chat_requests_total{{adapter="legal",outcome="ok",version="{v1}"}}' in metrics
+    assert f'lorag_chat_requests_total{{adapter="legal",outcome="ok",tenant="default",version="{v1}"}}' in metrics
     assert f'version="{v2}"' not in metrics  # a deleted version's series are gone
-    assert 'lorag_adapter_load_seconds_count{adapter="legal"' in metrics
+    assert 'lorag_adapter_load_seconds_count{adapter="legal",tenant="default"' in metrics
 
 
 def _tar(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
@@ -202,7 +202,7 @@ def test_every_bad_adapter_is_refused_while_good_traffic_flows(gateway, made):
         if code == "too_large":
             assert response.status_code == 413, response.text
         elif code == "path_outside_root":
-            assert response.status_code == 400 and "not inside the adapters root" in response.text
+            assert response.status_code == 400 and "not inside your adapters folder" in response.text
         else:
             assert response.status_code == 422, (code, response.text)
             assert response.json()["error"]["code"] == code, response.text
@@ -332,7 +332,10 @@ def test_a_client_that_leaves_releases_its_version(gateway, made):
         assert time.monotonic() < deadline, "the version is still held after the client left"
         time.sleep(0.1)
     metrics = httpx.get(url(gateway, "/metrics")).text
-    assert f'lorag_chat_requests_total{{adapter="leaver",outcome="cancelled",version="{version}"}} 1.0' in metrics
+    assert (
+        f'lorag_chat_requests_total{{adapter="leaver",outcome="cancelled",tenant="default",version="{version}"}} 1.0'
+        in metrics
+    )
     assert answer(gateway, "leaver")[0] == f"leaver@{version}"
 
 

@@ -140,11 +140,13 @@ def test_sigterm_lets_streams_in_flight_finish_then_stops_the_engine(tiny_model,
             os.killpg(engine.pid, signal.SIGSTOP)
             gw.proc.send_signal(signal.SIGTERM)
             time.sleep(1)
-            try:
-                refused = httpx.get(f"{gw.url}/readyz", timeout=2).status_code != 200
-            except httpx.TransportError:
-                refused = True
-            assert refused, "still ready while draining"
+            # Draining: still listening, so balancers and clients are told why, not refused.
+            ready = httpx.get(f"{gw.url}/readyz", timeout=5)
+            assert ready.status_code == 503 and ready.json()["error"]["code"] == "draining", ready.text
+            late = httpx.post(f"{gw.url}/v1/chat/completions", json=LONG_STREAM, timeout=5)
+            assert late.status_code == 503 and late.json()["error"]["code"] == "draining", late.text
+            assert late.headers["retry-after"] and late.headers["connection"] == "close"
+            assert httpx.get(f"{gw.url}/healthz", timeout=5).status_code == 200  # alive: no restart wanted
             assert gw.proc.poll() is None, "lorag exited with a stream in flight"
             assert engine.is_running()
             os.killpg(engine.pid, signal.SIGCONT)

@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from service.auth.keys import SCOPES, KeyStore
+from tests.adapters import make_adapter, pack
 from tests.conftest import LIMITS, MODEL_NAME
 from tests.gateway import Gateway
 
@@ -63,12 +64,21 @@ FAMILIES = {
         },
         unnamed=frozenset({("GET", "/v1/collections"), ("POST", "/v1/collections")}),
     ),
+    "adapters": Family(
+        prefix="/v1/adapters",
+        owned={"name": "legal", "version": "<A's version>"},  # the version is made by the fixture
+        missing={"name": "nothing-here", "version": "<A's version>"},
+        requests={("POST", "/v1/adapters/{name}/activate"): {"json": {"version": "<A's version>"}}},
+        # Uploading to a name creates the caller's own adapter of that name (a test below).
+        unnamed=frozenset({("GET", "/v1/adapters"), ("POST", "/v1/adapters/{name}/versions")}),
+    ),
 }
 
 
 @pytest.fixture(scope="module")
 def tenancy_gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A gateway with auth on and an all-scope key for each of two tenants; A's resources made."""
+    """A gateway with auth on and an all-scope key for each of two tenants; A's resources made:
+    (gateway, tokens, A's adapter version)."""
     home = tmp_path_factory.mktemp("tenancy-home")
     store = KeyStore(home / "lorag.db")
     tokens = {tenant: store.create(tenant, list(SCOPES))[1] for tenant in ("tenant-a", "tenant-b")}
@@ -81,10 +91,14 @@ def tenancy_gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
             assert a.post("/v1/collections", json={"name": COLLECTION}).status_code == 201
             for doc_id, doc in A_DOCS.items():
                 assert a.put(f"/v1/collections/{COLLECTION}/documents/{doc_id}", json=doc).status_code == 201
+            archive = pack(make_adapter(tiny_model, home / "a-legal", seed=1))
+            pushed = a.post("/v1/adapters/legal/versions", params={"activate": "true"},
+                            files={"file": ("legal.tar.gz", archive)})
+            assert pushed.status_code == 201, pushed.text
     except BaseException:
         gw.stop(signal.SIGKILL)
         raise
-    yield gw, tokens
+    yield gw, tokens, pushed.json()["version"]["version"]
     code, left = gw.stop(signal.SIGTERM)
     assert code in (0, -signal.SIGTERM), gw.log_tail()
     assert not left, f"engine processes left after lorag stopped: {left}"
@@ -96,14 +110,14 @@ def auth(token: str) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def as_a(tenancy_gateway):
-    gw, tokens = tenancy_gateway
+    gw, tokens, _ = tenancy_gateway
     with httpx.Client(base_url=gw.url, headers=auth(tokens["tenant-a"]), timeout=120) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
 def as_b(tenancy_gateway):
-    gw, tokens = tenancy_gateway
+    gw, tokens, _ = tenancy_gateway
     with httpx.Client(base_url=gw.url, headers=auth(tokens["tenant-b"]), timeout=120) as client:
         yield client
 
@@ -131,8 +145,8 @@ def assert_no_leak(response: httpx.Response, where: str, leaks: list[str] = LEAK
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_another_tenants_resource_answers_as_a_missing_one(as_a, as_b, family):
-    fam = FAMILIES[family]
+def test_another_tenants_resource_answers_as_a_missing_one(tenancy_gateway, as_a, as_b, family):
+    fam = _with_version(FAMILIES[family], tenancy_gateway[2])
     found = routes(as_b, fam)
     named = [(method, path) for method, path in found if (method, path) not in fam.unnamed]
     assert named and set(fam.unnamed) <= set(found), found
@@ -149,10 +163,24 @@ def test_another_tenants_resource_answers_as_a_missing_one(as_a, as_b, family):
             same = same.replace(value, fam.owned[key])
         assert (theirs.status_code, theirs.text) == (missing.status_code, same), where
     # Nothing B sent changed A's data.
+    assert as_a.get("/v1/adapters/legal").json()["active"] == tenancy_gateway[2]
     assert as_a.get(f"/v1/collections/{COLLECTION}").json()["documents"] == len(A_DOCS)
     for doc_id, doc in A_DOCS.items():
         got = as_a.get(f"/v1/collections/{COLLECTION}/documents/{doc_id}").json()
         assert (got["text"], got["metadata"], got["version"]) == (doc["text"], doc["metadata"], 1)
+
+
+def _with_version(family: Family, version: str) -> Family:
+    """The family with A's adapter version in place of its placeholder."""
+    def put(value):
+        if isinstance(value, str):
+            return value.replace("<A's version>", version)
+        if isinstance(value, dict):
+            return {k: put(v) for k, v in value.items()}
+        return value
+
+    return Family(family.prefix, put(family.owned), put(family.missing),
+                  {route: put(kwargs) for route, kwargs in family.requests.items()}, family.unnamed)
 
 
 def test_listing_shows_only_the_callers_collections(as_a, as_b):
@@ -193,3 +221,60 @@ def test_each_tenant_has_its_own_collection_of_the_same_name(as_a, as_b):
     assert as_a.get(f"{docs}/lease-2031").json()["text"] == A_DOCS["lease-2031"]["text"]
     hits = as_a.post(f"/v1/collections/{COLLECTION}/search", json={"query": "harbour lease", "top_k": 1}).json()["data"]
     assert [h["doc_id"] for h in hits] == ["lease-2031"] and SECRET in hits[0]["text"]
+
+
+# --- Adapters, models and chat -------------------------------------------------------------------
+
+def chat(client: httpx.Client, model: str, **extra) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "What does the lease say?"}],
+            "max_tokens": 4, **extra}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def test_another_tenants_adapter_and_collection_are_missing_to_chat_and_models(tenancy_gateway, as_a, as_b):
+    version = tenancy_gateway[2]
+    ids = [m["id"] for m in as_b.get("/v1/models").json()["data"]]
+    assert ids == [MODEL_NAME], ids  # the base model only: none of A's adapters
+    assert {"legal", f"legal@{version}"} <= {m["id"] for m in as_a.get("/v1/models").json()["data"]}
+    for model in ("legal", f"legal@{version}"):
+        theirs, missing = chat(as_b, model), chat(as_b, "nothing-here")
+        assert theirs.status_code == 404 and theirs.json()["error"]["code"] == "model_not_found", theirs.text
+        assert theirs.text == missing.text.replace("nothing-here", model)
+    theirs = chat(as_b, MODEL_NAME, rag={"collection": COLLECTION})
+    missing = chat(as_b, MODEL_NAME, rag={"collection": "nothing-here"})
+    assert theirs.status_code == 404 and theirs.text == missing.text.replace("nothing-here", COLLECTION)
+    assert_no_leak(theirs, "chat with A's collection")
+    # A's own requests: the answer names the version as A knows it, never the engine-side key.
+    for stream in (False, True):
+        answer = chat(as_a, "legal", stream=stream)
+        assert answer.status_code == 200, answer.text
+        assert f'"model":"legal@{version}"' in answer.text.replace(" ", "") and "tenant-a/" not in answer.text
+
+
+def test_each_tenant_has_its_own_adapter_of_the_same_name(tenancy_gateway, as_a, as_b, tiny_model, tmp_path):
+    gw, _, a_version = tenancy_gateway
+    mine = as_b.post("/v1/adapters/legal/versions", params={"activate": "true"},
+                     files={"file": ("b.tar.gz", pack(make_adapter(tiny_model, tmp_path / "b", seed=7)))})
+    assert mine.status_code == 201, mine.text
+    b_version = mine.json()["version"]["version"]
+    assert b_version != a_version
+    try:
+        assert [a["name"] for a in as_b.get("/v1/adapters").json()["data"]] == ["legal"]
+        assert [v["version"] for v in as_b.get("/v1/adapters/legal").json()["versions"]] == [b_version]
+        assert chat(as_b, "legal").json()["model"] == f"legal@{b_version}"
+        assert chat(as_a, "legal").json()["model"] == f"legal@{a_version}"
+        # B cannot pin A's version through its own adapter of the same name.
+        assert chat(as_b, f"legal@{a_version}").status_code == 404
+        # A `path` upload reads from the caller's own folder only, not A's files.
+        for path in (f"../@tenant-a/legal/{a_version}", f"/{gw.home}/adapters/@tenant-a/legal/{a_version}",
+                     f"@tenant-a/legal/{a_version}"):
+            refused = as_b.post("/v1/adapters/stolen/versions", data={"path": path})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == "path", refused.text
+        assert as_b.get("/v1/adapters/stolen").status_code == 404
+        metrics = httpx.get(f"{gw.url}/metrics").text
+        for tenant, version in (("tenant-a", a_version), ("tenant-b", b_version)):
+            assert f'adapter="legal",outcome="ok",tenant="{tenant}",version="{version}"' in metrics
+    finally:
+        assert as_b.delete("/v1/adapters/legal").status_code == 200
+    assert as_a.get("/v1/adapters/legal").json()["active"] == a_version
+    assert chat(as_a, "legal").json()["model"] == f"legal@{a_version}"
