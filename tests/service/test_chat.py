@@ -130,6 +130,24 @@ def test_limits_are_enforced_before_the_engine_sees_the_request(gateway):
     assert engine_requests() == before + 1
 
 
+def test_a_client_that_leaves_mid_stream_aborts_the_engine_request(gateway):
+    def engine(name: str) -> float:
+        metrics = httpx.get(f"{gateway.engine_url()}/metrics").text
+        return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + "{"))
+
+    generated = engine("vllm:generation_tokens_total")
+    body = {**ASK, "max_tokens": 500, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60) as response:
+        assert response.status_code == 200
+        next(response.iter_bytes())  # generating; then the client goes away
+    deadline = time.monotonic() + 60
+    while engine("vllm:num_requests_running") > 0:  # ended: aborted, or (the failure) ran to 500 tokens
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    # ignore_eos: only an abort ends it before its 500 tokens.
+    assert engine("vllm:generation_tokens_total") - generated < 500
+
+
 def test_invalid_json_is_a_400(gateway):
     response = httpx.post(
         f"{gateway.url}/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
