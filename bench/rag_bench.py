@@ -3,8 +3,10 @@
     .venv/bin/python -m bench.rag_bench [--requests 128] [--concurrency 32] [--out bench/results/rag.json]
 
 One run starts one `lorag serve` (embedded vLLM, the demo model), fills a collection,
-then alternates two phases at the same concurrency, twice each (A B A B):
+then rotates three phases at the same concurrency, twice each (A B C A B C):
   lorag:  POST /v1/chat/completions with `rag` (query embedding, hybrid search, prompt assembly);
+  proxy:  the final messages sent through lorag with retrieval off: what the gateway alone
+          costs (HTTP, validation, relay), so that retrieval's share can be told apart;
   direct: the same final messages, sent to vLLM's own /v1/chat/completions. They are built
           here from the same search (lorag's search API) with the same prompt builder, and the
           warm-up checks that vLLM received exactly the prompt tokens it got through lorag.
@@ -31,6 +33,7 @@ import httpx
 import psutil
 from transformers import AutoTokenizer
 
+from bench import machine
 from bench.knowledge_bench import percentile
 from knowledge.prompting import PromptBuilder
 from service.settings import Settings
@@ -131,32 +134,40 @@ def bench(gw: Gateway, args: argparse.Namespace) -> dict:
         times = gateway.cpu_times()
         return times.user + times.system
 
-    phases: dict[str, list[dict]] = {"lorag": [], "direct": []}
+    proxy_bodies = [{**b, "rag": {"enabled": False}} for b in direct_bodies]
+    runs = {  # phase → (where, bodies)
+        "lorag": (gw.url, lorag_bodies),
+        "proxy": (gw.url, proxy_bodies),
+        "direct": (engine, direct_bodies),
+    }
+    phases: dict[str, list[dict]] = {name: [] for name in runs}
+    all_latencies: dict[str, list[float]] = {name: [] for name in runs}
     timings: list[dict] = []
-    all_latencies: dict[str, list[float]] = {"lorag": [], "direct": []}
     tokens = sum(lengths)
     for _ in range(2):
-        before = cpu_s()
-        wall, lat, answers = asyncio.run(run_phase(gw.url, lorag_bodies, args.concurrency, "/v1/chat/completions"))
-        gateway_cpu_ms = (cpu_s() - before) * 1000 / len(lorag_bodies)
-        assert [a["usage"]["completion_tokens"] for a in answers] == lengths
-        assert all(a["citations"] for a in answers)
-        phases["lorag"].append({**summarize(wall, lat, tokens), "gateway_cpu_ms_per_request": round(gateway_cpu_ms, 1)})
-        all_latencies["lorag"] += lat
-        timings += [a["rag"]["timings_ms"] for a in answers]
-        wall, lat, answers = asyncio.run(run_phase(engine, direct_bodies, args.concurrency, "/v1/chat/completions"))
-        assert [a["usage"]["completion_tokens"] for a in answers] == lengths
-        phases["direct"].append(summarize(wall, lat, tokens))
-        all_latencies["direct"] += lat
+        for name, (url, bodies) in runs.items():
+            before = cpu_s()
+            wall, lat, answers = asyncio.run(run_phase(url, bodies, args.concurrency, "/v1/chat/completions"))
+            gateway_cpu_ms = (cpu_s() - before) * 1000 / len(bodies)
+            assert [a["usage"]["completion_tokens"] for a in answers] == lengths
+            phases[name].append({**summarize(wall, lat, tokens), "gateway_cpu_ms_per_request": round(gateway_cpu_ms, 1)})
+            all_latencies[name] += lat
+            if name == "lorag":
+                assert all(a["citations"] for a in answers)
+                timings += [a["rag"]["timings_ms"] for a in answers]
 
-    lorag_tps = statistics.fmean(p["output_tokens_per_s"] for p in phases["lorag"])
-    direct_tps = statistics.fmean(p["output_tokens_per_s"] for p in phases["direct"])
+    tps = {name: statistics.fmean(p["output_tokens_per_s"] for p in runs_) for name, runs_ in phases.items()}
+    p50 = {name: percentile(lat, 50) for name, lat in all_latencies.items()}
+    p99 = {name: percentile(lat, 99) for name, lat in all_latencies.items()}
     summary = {
-        "throughput_ratio": round(lorag_tps / direct_tps, 3),
-        "lorag_output_tokens_per_s": round(lorag_tps, 1),
-        "direct_output_tokens_per_s": round(direct_tps, 1),
-        "added_latency_p50_ms": round(percentile(all_latencies["lorag"], 50) - percentile(all_latencies["direct"], 50), 1),
-        "added_latency_p99_ms": round(percentile(all_latencies["lorag"], 99) - percentile(all_latencies["direct"], 99), 1),
+        "throughput_ratio": round(tps["lorag"] / tps["direct"], 3),
+        "lorag_output_tokens_per_s": round(tps["lorag"], 1),
+        "direct_output_tokens_per_s": round(tps["direct"], 1),
+        "added_latency_p50_ms": round(p50["lorag"] - p50["direct"], 1),
+        "added_latency_p99_ms": round(p99["lorag"] - p99["direct"], 1),
+        # The gateway without retrieval: the floor under the two numbers above on this machine.
+        "proxy_throughput_ratio": round(tps["proxy"] / tps["direct"], 3),
+        "proxy_added_latency_p50_ms": round(p50["proxy"] - p50["direct"], 1),
         "retrieval_ms_p50": {k: round(percentile([t[k] for t in timings], 50), 2) for k in ("embed", "search", "prompt")},
         "retrieval_ms_p99": {k: round(percentile([t[k] for t in timings], 99), 2) for k in ("embed", "search", "prompt")},
     }
@@ -170,6 +181,7 @@ def bench(gw: Gateway, args: argparse.Namespace) -> dict:
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,
         "documents": args.documents,
+        "machine": machine.description(),
         "phases": phases,
         "summary": summary,
     }

@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from anyio import to_thread
+from anyio import CapacityLimiter, to_thread
 from jinja2 import TemplateError
 
 from knowledge import KnowledgeBase
@@ -37,6 +37,9 @@ class Retrieval:
         self._builder = builder
         self._settings = settings
         self._queries = QueryEmbedder(kb.embedder)
+        # One search at a time: thirty-two at once in worker threads fought over the GIL, and a
+        # 2 ms search took up to a second at the tail (rag bench, 32 concurrent requests).
+        self._cpu = CapacityLimiter(1)
 
     async def close(self) -> None:
         await self._queries.close()
@@ -115,7 +118,7 @@ class Retrieval:
             }
             return Grounding(prompt.messages, citations, summary)
 
-        return await to_thread.run_sync(run)
+        return await to_thread.run_sync(run, limiter=self._cpu)
 
 
 def load_builder(settings: Settings) -> PromptBuilder | None:
