@@ -21,6 +21,12 @@ from service.errors import EngineUnavailable
 log = logging.getLogger("lorag.engine")
 
 _PROBE_INTERVAL_S = 5.0
+_HEALTH_TIMEOUT_S = 2.0
+# Health checks in a row that may go unanswered before an engine is taken out. A loaded vLLM
+# answers /health late (its API server is busy streaming): one slow answer is load, not an
+# outage, and taking the only engine out for it turned every request into a 503 (rag bench,
+# 100 M model). An engine that refuses connections, or whose process is gone, is out at once.
+_MISSES_BEFORE_DOWN = 3
 
 
 @dataclass(eq=False)
@@ -28,6 +34,7 @@ class Engine:
     name: str
     url: str | None
     up: bool = False
+    misses: int = 0  # health checks in a row that got no answer in time
     # Served names of the adapters loaded on it, as last seen or changed by the gateway.
     loaded: set[str] = field(default_factory=set)
     # Serialises adapter loads and unloads on this engine (vLLM answers 400 to a double load).
@@ -107,9 +114,8 @@ class EnginePool:
         taken out if it fails); one that is down waits for the background probe, which syncs it."""
         engines = self.engines
         checks = [e for e in engines if e.up]
-        for engine, healthy in zip(checks, await asyncio.gather(*(self._healthy(e) for e in checks))):
-            if not healthy:
-                engine.up = False
+        for engine, health in zip(checks, await asyncio.gather(*(self._health(e) for e in checks))):
+            engine.up = self._still_up(engine, health)
         return engines
 
     async def probe(self) -> list[Engine]:
@@ -120,25 +126,40 @@ class EnginePool:
 
     async def _check(self, engine: Engine) -> None:
         was_up = engine.up
-        up = await self._healthy(engine)
-        if up and self._sync is not None:
+        health = await self._health(engine)
+        up = self._still_up(engine, health)
+        if health and self._sync is not None:
             try:
                 await self._sync(engine)
             except Exception as exc:
+                # An engine that was serving keeps serving (requests go only where their adapter is
+                # loaded); one coming up waits for the next probe.
                 log.warning("engine %s answers but its adapters could not be synced: %s", engine.name, exc)
-                up = False
+                up = was_up and self._still_up(engine, None)
         engine.up = up
         if was_up != up and self._supervisor is None:
             log.warning("engine %s (%s) is %s", engine.name, engine.url, "up" if up else "down")
 
-    async def _healthy(self, engine: Engine) -> bool:
+    async def _health(self, engine: Engine) -> bool | None:
+        """True: healthy. False: gone (not started, refusing connections, or failing). None: no
+        answer in time, which a busy engine may give."""
         if not engine.url or (self._supervisor is not None and not self._supervisor.ready):
             return False
         try:
-            response = await self._http.get(f"{engine.url}/health", timeout=2.0)
+            response = await self._http.get(f"{engine.url}/health", timeout=_HEALTH_TIMEOUT_S)
             return response.status_code == 200
+        except httpx.TimeoutException:
+            return None
         except httpx.HTTPError:
             return False
+
+    @staticmethod
+    def _still_up(engine: Engine, health: bool | None) -> bool:
+        if health is None:
+            engine.misses += 1
+            return engine.up and engine.misses < _MISSES_BEFORE_DOWN
+        engine.misses = 0
+        return health
 
     async def _probe_forever(self) -> None:
         while True:

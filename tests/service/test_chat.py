@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
 import os
 import signal
@@ -231,4 +232,24 @@ def test_past_the_in_flight_limit_requests_get_429_with_retry_after(gateway):
     assert refused.json()["error"]["code"] == "overloaded"
     assert statuses == [200] * limit  # the admitted ones were served once the engine thawed
     assert in_flight() == 0
+    gateway.wait_ready(timeout=60)
+
+
+def test_an_engine_slow_to_answer_health_checks_keeps_serving(gateway):
+    # Frozen, vLLM answers nothing: /health times out as it does when a loaded engine is busy.
+    # One missed check is load, not an outage: still ready, and a request waits rather than 503.
+    engine = gateway.engine().pid
+    os.killpg(engine, signal.SIGSTOP)
+    try:
+        with httpx.Client(base_url=gateway.url, timeout=60) as client:
+            ready = client.get("/readyz")  # answers after the health check's own timeout
+            assert ready.status_code == 200, ready.text
+            with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                pending = pool.submit(client.post, "/v1/chat/completions", json={**ASK, "max_tokens": 2})
+                time.sleep(1)  # the request is with the frozen engine
+                os.killpg(engine, signal.SIGCONT)
+                answer = pending.result()
+    finally:
+        os.killpg(engine, signal.SIGCONT)
+    assert answer.status_code == 200, answer.text
     gateway.wait_ready(timeout=60)
