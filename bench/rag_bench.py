@@ -1,6 +1,7 @@
 """Chat with retrieval through lorag against the same final prompts sent straight to vLLM.
 
-    .venv/bin/python -m bench.rag_bench [--requests 128] [--concurrency 32] [--out bench/results/rag.json]
+    .venv/bin/python -m bench.rag_bench [--requests 128] [--concurrency 32] [--variant demo]
+                                        [--out bench/results/rag.json]
 
 One run starts one `lorag serve` (embedded vLLM, the demo model), fills a collection,
 then rotates three phases at the same concurrency, twice each (A B C A B C):
@@ -78,12 +79,13 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--documents", type=int, default=300)
+    parser.add_argument("--variant", default="demo", help="the demo base model's size: demo (5 M), small (100 M)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/rag.json"))
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
-        model = build_base(home / "models" / "demo-base", variant="demo", seed=0)
+        model = build_base(home / "models" / "demo-base", variant=args.variant, seed=0)
         gw = Gateway(model, home, env={"LORAG_MODEL_NAME": MODEL, "LORAG_LOG_LEVEL": "warning"}).start()
         try:
             print(f"engine ready after {gw.wait_ready():.0f} s", flush=True)
@@ -177,6 +179,7 @@ def bench(gw: Gateway, args: argparse.Namespace) -> dict:
     }
     return {
         "benchmark": "rag",
+        "model": args.variant,
         "requests_per_phase": args.requests,
         "concurrency": args.concurrency,
         "max_tokens": args.max_tokens,

@@ -72,6 +72,11 @@ class Settings(BaseSettings):
     engine_max_lora_rank: int = Field(8, description="Largest LoRA rank the engine accepts (vLLM: 1, 8, 16, 32, ...).")
     engine_max_loras: int = Field(4, ge=1, description="LoRA adapters resident in one batch.")
     engine_dtype: str = Field("auto", description="vLLM --dtype.")
+    engine_nice: int = Field(
+        10, ge=0, le=19,
+        description="Niceness of the embedded engine (its process group's scheduling group): the "
+        "gateway's short per-request work, such as embedding a query, goes ahead of generation on shared cores.",
+    )
     engine_startup_timeout_s: float = Field(600, gt=0, description="Longest wait for the engine to become ready.")
     engine_restart_backoff_max_s: float = Field(30, gt=0, description="Cap of the restart backoff after a crash.")
     engine_timeout_s: float = Field(300, gt=0, description="Longest wait for the engine's next byte on a request.")

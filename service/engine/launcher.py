@@ -14,6 +14,7 @@ class LaunchSpec:
     argv: list[str]
     env: dict[str, str] = field(repr=False)
     port: int
+    nice: int = 0
 
 
 def free_port() -> int:
@@ -51,4 +52,4 @@ def launch_spec(settings: Settings, port: int | None = None) -> LaunchSpec:
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
     }
-    return LaunchSpec(argv=argv, env=env, port=port)
+    return LaunchSpec(argv=argv, env=env, port=port, nice=settings.engine_nice)

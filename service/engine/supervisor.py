@@ -32,9 +32,25 @@ _STOP_GRACE_S = 15.0
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
 
 
-def _die_with_parent() -> None:
-    # Runs in the child between fork and exec.
-    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+def _child_setup(nice: int) -> Callable[[], None]:
+    def setup() -> None:
+        # Runs in the child between fork and exec: system calls only.
+        _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        os.nice(nice)  # inherited by every process and thread vLLM starts
+
+    return setup
+
+
+def _lower_group_priority(pid: int, nice: int) -> None:
+    """With autogroups (Linux's default), a new session is scheduled as one group against the
+    others, and its processes' niceness counts only inside it: the group's own niceness is what
+    lets the gateway go first. Measured on 2 cores (rag bench, demo model): a query's embedding
+    waited p50 115 ms behind generation at 0, 18 ms at 10. It covers processes started later too."""
+    try:
+        with open(f"/proc/{pid}/autogroup", "w") as group:
+            group.write(f"{nice}\n")
+    except OSError:  # no autogroups: the niceness set in the child applies machine-wide
+        pass
 
 
 def _kill_group(pgid: int, sig: int) -> bool:
@@ -152,8 +168,9 @@ class EngineSupervisor:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=_child_setup(spec.nice),
         )
+        _lower_group_priority(self._proc.pid, spec.nice)
         # Held so the task is not garbage-collected; it ends when the child's output closes.
         self._pump_task = asyncio.create_task(self._pump(self._proc), name="engine-log")
 

@@ -32,5 +32,6 @@ async def readyz(engines: Annotated[EnginePool, Depends(get_engines)]) -> JSONRe
 
 @router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 async def metrics(registry: Annotated[Metrics, Depends(get_metrics)]) -> Response:
-    """Prometheus metrics: requests, tokens and latency per adapter version; adapter load times."""
+    """Prometheus metrics per tenant and adapter version: requests, tokens, latency, time to first
+    token; retrieval stages, queue depth, engines up, adapter load times."""
     return Response(registry.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 
@@ -133,6 +134,12 @@ def test_sigterm_lets_streams_in_flight_finish_then_stops_the_engine(tiny_model,
     try:
         gw.wait_ready()
         engine = gw.engine()
+        # Generation yields to the gateway's own work (LORAG_ENGINE_NICE, default 10), in the engine's
+        # scheduling group where the kernel has them and for each of its processes.
+        autogroup = Path(f"/proc/{engine.pid}/autogroup")
+        if autogroup.exists():
+            assert autogroup.read_text().split()[-1] == "10"
+        assert {p.nice() for p in [engine, *engine.children(recursive=True)]} == {10}
         with httpx.stream("POST", f"{gw.url}/v1/chat/completions", json=LONG_STREAM, timeout=60) as response:
             chunks = response.iter_bytes()
             body = next(chunks)

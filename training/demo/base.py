@@ -48,6 +48,9 @@ class Variant:
 VARIANTS = {
     # About 5 M parameters: answers in real time on a laptop CPU.
     "demo": Variant("demo", 4096, 256, 704, 4, 4, 4, 4096, 40_000),
+    # About 100 M parameters (GPT-2 small's shape): an engine whose work per token is closer to
+    # a production model's, for benchmarks that compare the gateway's cost with the engine's.
+    "small": Variant("small", 8192, 768, 2048, 12, 12, 12, 4096, 40_000),
     # About 0.2 M parameters: builds in a few seconds, for the test suite.
     "tiny": Variant("tiny", 1024, 64, 128, 2, 2, 2, 2048, 4_000),
 }
