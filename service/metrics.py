@@ -59,17 +59,13 @@ class Metrics:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=self.registry,
         )
 
-    @staticmethod
-    def version_labels(version: Version) -> tuple[str, str, str]:
-        return version.tenant, version.name, version.version
-
     def watch_engines(self, engines: Callable[[], list[Engine]]) -> None:
         """`lorag_engine_up{engine}`, read from the pool at each scrape (never stale)."""
         self.registry.register(_EngineCollector(engines))
 
     def forget(self, version: Version) -> None:
         """Drop a deleted version's series so label sets stay bounded."""
-        labels = self.version_labels(version)
+        labels = version.labels
         for metric in (self.requests, self.tokens, self.latency, self.first_token, self.adapter_load):
             for key in list(metric._metrics):  # prometheus_client has no public way to list children
                 if key[:3] == labels:

@@ -79,6 +79,11 @@ class Version:
         return f"{adapter_key(self.tenant, self.name)}@{self.version}"
 
     @property
+    def labels(self) -> tuple[str, str, str]:
+        """(tenant, adapter, version): its metric labels."""
+        return self.tenant, self.name, self.version
+
+    @property
     def pinned(self) -> str:
         """The name its tenant's clients pin it by (and see in answers)."""
         return f"{self.name}@{self.version}"

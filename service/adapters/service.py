@@ -253,9 +253,7 @@ class AdapterService:
                     if raise_unreachable and exc.status is None:
                         raise
                     return str(exc)
-                self._metrics.adapter_load.labels(*self._metrics.version_labels(version)).observe(
-                    time.perf_counter() - started
-                )
+                self._metrics.adapter_load.labels(*version.labels).observe(time.perf_counter() - started)
                 return None
 
         results = await asyncio.gather(*(load(e) for e in engines))

@@ -155,6 +155,7 @@ class EnginePool:
 
     @staticmethod
     def _still_up(engine: Engine, health: bool | None) -> bool:
+        """Whether the engine counts as up after this check; counts (or clears) its misses."""
         if health is None:
             engine.misses += 1
             return engine.up and engine.misses < _MISSES_BEFORE_DOWN

@@ -31,9 +31,7 @@ class Target:
     @property
     def labels(self) -> tuple[str, str, str]:
         """(tenant, adapter, version) metric labels; the base model is (tenant, its name, "base")."""
-        return (self.tenant, self.version.name, self.version.version) if self.version else (
-            self.tenant, self.served, "base"
-        )
+        return self.version.labels if self.version else (self.tenant, self.served, "base")
 
     @property
     def rag(self) -> dict[str, Any] | None:
