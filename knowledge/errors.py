@@ -51,3 +51,10 @@ class InvalidFilter(KnowledgeError):
 
 class InvalidQuery(KnowledgeError):
     """Bad search or listing arguments: empty query, top_k out of range, unknown mode, bad cursor."""
+
+
+class StoreUnavailable(KnowledgeError):
+    """A backing store (a Chroma server) did not answer; nothing was changed, and retrying later can succeed."""
+
+    def __init__(self, what: str, why: object):
+        super().__init__(f"the knowledge base's {what} is not reachable ({why}); retry shortly")

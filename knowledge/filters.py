@@ -5,7 +5,12 @@
     {"field": {"$gt" | "$gte" | "$lt" | "$lte": n}}   numeric comparison (n: int or float)
     {"field": {"$in" | "$nin": [v, ...]}}             one of / none of (1 to 100 values of one type)
     {"$and": [filter, ...]}, {"$or": [filter, ...]}   1 to 32 sub-filters
-    {"a": 1, "b": 2}                                  several keys: all must hold
+    {"a": 1, "b": 2}                                  several keys (1 to 32): all must hold
+
+Every dimension is bounded, so that no filter this module accepts is one SQLite or Chroma
+refuses or chokes on (one object of 12,000 keys once crashed the whole process): nesting
+depth, keys per object, sub-filters per list, values per list, conditions and list values
+in the whole filter, and string length.
 
 Values are strings, numbers or booleans. Numbers compare as 64-bit floats, across int and
 float (integers beyond 2**53 round), never with booleans or strings. The same checked filter
@@ -19,14 +24,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from knowledge.documents import METADATA_KEY, check_scalar
+from knowledge.documents import MAX_METADATA_STRING_CHARS, METADATA_KEY, check_scalar
 from knowledge.errors import InvalidFilter
 
 COMPARISONS = {"$gt": ">", "$gte": ">=", "$lt": "<", "$lte": "<="}
 OPERATORS = ("$eq", "$ne", "$in", "$nin", *COMPARISONS)
 MAX_DEPTH = 8
-MAX_CLAUSES = 32
-MAX_VALUES = 100
+MAX_CLAUSES = 32  # sub-filters in one $and / $or list, and keys in one object
+MAX_VALUES = 100  # values in one $in / $nin list
+MAX_CONDITIONS = 64  # field conditions in the whole filter
+MAX_TOTAL_VALUES = 256  # values in all of the filter's conditions together
 
 
 @dataclass(frozen=True)
@@ -56,7 +63,7 @@ class Filter:
         """None or {} means no filter."""
         if raw is None or raw == {}:
             return None
-        return cls(_parse(raw, depth=0))
+        return cls(_Parser().node(raw, depth=0))
 
     def to_chroma(self) -> dict:
         return _chroma(self.root)
@@ -73,52 +80,73 @@ def _kind(value: object) -> str:
     return "str" if isinstance(value, str) else "number"
 
 
-def _parse(raw: object, depth: int) -> Node:
-    if depth > MAX_DEPTH:
-        raise InvalidFilter(f"filter is nested deeper than {MAX_DEPTH} levels; flatten it")
-    if not isinstance(raw, dict) or not raw:
-        raise InvalidFilter(f"a filter must be a non-empty object like {{\"field\": value}}, got {raw!r:.80}")
-    parts = [_clause(key, value, depth) for key, value in raw.items()]
-    return parts[0] if len(parts) == 1 else Junction("$and", tuple(parts))
+class _Parser:
+    """One filter's parse, counting its conditions and values against the whole-filter limits."""
 
+    def __init__(self) -> None:
+        self.conditions = 0
+        self.values = 0
 
-def _clause(key: object, value: object, depth: int) -> Node:
-    if key in ("$and", "$or"):
-        if not isinstance(value, list) or not 1 <= len(value) <= MAX_CLAUSES:
-            raise InvalidFilter(f"{key} takes a list of 1 to {MAX_CLAUSES} filters, got {value!r:.80}")
-        parts = tuple(_parse(part, depth + 1) for part in value)
-        return parts[0] if len(parts) == 1 else Junction(key, parts)
-    if not isinstance(key, str):
-        raise InvalidFilter(f"filter keys must be strings, got {key!r}")
-    if key.startswith("$"):
-        raise InvalidFilter(f"unknown operator {key!r} at the top of a filter; use $and or $or, or a field name")
-    if key.startswith("_"):
-        raise InvalidFilter(f"field {key!r} starts with '_', which is reserved for lorag; filter on your own fields")
-    if not METADATA_KEY.fullmatch(key):
-        raise InvalidFilter(f"{key!r:.80} is not a valid metadata field name")
-    if not isinstance(value, dict):
-        return Condition(key, "$eq", _operand(key, "$eq", value))
-    if len(value) != 1:
-        raise InvalidFilter(f"the condition on {key!r} must have exactly one operator, got {list(value)!r:.80}")
-    ((op, operand),) = value.items()
-    if op not in OPERATORS:
-        raise InvalidFilter(f"unknown operator {op!r} on {key!r}; supported: {', '.join(OPERATORS)}")
-    return Condition(key, op, _operand(key, op, operand))
+    def node(self, raw: object, depth: int) -> Node:
+        if depth > MAX_DEPTH:
+            raise InvalidFilter(f"filter is nested deeper than {MAX_DEPTH} levels; flatten it")
+        if not isinstance(raw, dict) or not raw:
+            raise InvalidFilter(f"a filter must be a non-empty object like {{\"field\": value}}, got {raw!r:.80}")
+        if len(raw) > MAX_CLAUSES:
+            raise InvalidFilter(
+                f"a filter object has {len(raw)} keys, more than {MAX_CLAUSES}; combine fewer conditions"
+            )
+        parts = [self.clause(key, value, depth) for key, value in raw.items()]
+        return parts[0] if len(parts) == 1 else Junction("$and", tuple(parts))
 
+    def clause(self, key: object, value: object, depth: int) -> Node:
+        if key in ("$and", "$or"):
+            if not isinstance(value, list) or not 1 <= len(value) <= MAX_CLAUSES:
+                raise InvalidFilter(f"{key} takes a list of 1 to {MAX_CLAUSES} filters, got {value!r:.80}")
+            parts = tuple(self.node(part, depth + 1) for part in value)
+            return parts[0] if len(parts) == 1 else Junction(key, parts)
+        if not isinstance(key, str):
+            raise InvalidFilter(f"filter keys must be strings, got {key!r}")
+        if key.startswith("$"):
+            raise InvalidFilter(f"unknown operator {key!r} at the top of a filter; use $and or $or, or a field name")
+        if key.startswith("_"):
+            raise InvalidFilter(f"field {key!r} starts with '_', which is reserved for lorag; filter on your own fields")
+        if not METADATA_KEY.fullmatch(key):
+            raise InvalidFilter(f"{key!r:.80} is not a valid metadata field name")
+        self.conditions += 1
+        if self.conditions > MAX_CONDITIONS:
+            raise InvalidFilter(f"filter has more than {MAX_CONDITIONS} conditions in all; simplify it")
+        if not isinstance(value, dict):
+            return Condition(key, "$eq", self.operand(key, "$eq", value))
+        if len(value) != 1:
+            raise InvalidFilter(f"the condition on {key!r} must have exactly one operator, got {list(value)!r:.80}")
+        ((op, operand),) = value.items()
+        if op not in OPERATORS:
+            raise InvalidFilter(f"unknown operator {op!r} on {key!r}; supported: {', '.join(OPERATORS)}")
+        return Condition(key, op, self.operand(key, op, operand))
 
-def _operand(field: str, op: str, value: object) -> object:
-    if op in ("$in", "$nin"):
-        if not isinstance(value, list) or not 1 <= len(value) <= MAX_VALUES:
-            raise InvalidFilter(f"{op} on {field!r} takes a list of 1 to {MAX_VALUES} values, got {value!r:.80}")
-        for item in value:
-            _scalar(field, op, item)
-        if len({_kind(item) for item in value}) > 1:
-            raise InvalidFilter(f"{op} on {field!r} mixes value types; use only strings, only numbers or only booleans")
-        return list(value)
-    _scalar(field, op, value)
-    if op in COMPARISONS and _kind(value) != "number":
-        raise InvalidFilter(f"{op} on {field!r} compares numbers only, got {value!r:.80}")
-    return value
+    def operand(self, field: str, op: str, value: object) -> object:
+        if op in ("$in", "$nin"):
+            if not isinstance(value, list) or not 1 <= len(value) <= MAX_VALUES:
+                raise InvalidFilter(f"{op} on {field!r} takes a list of 1 to {MAX_VALUES} values, got {value!r:.80}")
+            self.count_values(len(value))
+            for item in value:
+                _scalar(field, op, item)
+            if len({_kind(item) for item in value}) > 1:
+                raise InvalidFilter(
+                    f"{op} on {field!r} mixes value types; use only strings, only numbers or only booleans"
+                )
+            return list(value)
+        self.count_values(1)
+        _scalar(field, op, value)
+        if op in COMPARISONS and _kind(value) != "number":
+            raise InvalidFilter(f"{op} on {field!r} compares numbers only, got {value!r:.80}")
+        return value
+
+    def count_values(self, n: int) -> None:
+        self.values += n
+        if self.values > MAX_TOTAL_VALUES:
+            raise InvalidFilter(f"filter has more than {MAX_TOTAL_VALUES} values in all its conditions; send fewer")
 
 
 def _scalar(field: str, op: str, value: object) -> None:
@@ -129,6 +157,9 @@ def _scalar(field: str, op: str, value: object) -> None:
             f"{op} on {field!r} takes a string, a finite number or a boolean, got {value!r:.80} "
             "(null and nested values are not supported)"
         )
+    # No stored value is longer, so a longer one could never match.
+    if isinstance(value, str) and len(value) > MAX_METADATA_STRING_CHARS:
+        raise InvalidFilter(f"{op} on {field!r}: a value is longer than {MAX_METADATA_STRING_CHARS} characters")
 
 
 def as_float(value: object) -> object:

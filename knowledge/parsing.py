@@ -46,6 +46,9 @@ def _decode(filename: str, data: bytes) -> str:
     # "binary" is the more useful of the two messages for it.
     if data and len(_CONTROL.findall(data.decode("latin-1"))) > _MAX_CONTROL_SHARE * len(data):
         raise UnreadableFile(f"{filename}: looks like binary data, not text")
+    # No text format holds NUL; a file that does is not what its name says.
+    if b"\x00" in data:
+        raise UnreadableFile(f"{filename}: contains NUL bytes (offset {data.index(0)}), so it is not a text file")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:

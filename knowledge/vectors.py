@@ -8,15 +8,18 @@ nothing from a caller reaches Chroma except ids, vectors and validated metadata.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import chromadb
+import httpx
 import numpy as np
 from chromadb.config import Settings as ChromaSettings
 from chromadb.errors import InternalError, NotFoundError
 
+from knowledge.errors import StoreUnavailable
 from knowledge.settings import KnowledgeSettings
 
 # Cosine distance on L2-normalised vectors: similarity = 1 - distance.
@@ -33,6 +36,15 @@ class VectorHit:
     version: int
     index: int
     distance: float
+
+
+@contextmanager
+def _reachable() -> Iterator[None]:
+    """A `chroma run` server that is down or cut off is the store's outage, not a fault of ours."""
+    try:
+        yield
+    except httpx.TransportError as exc:
+        raise StoreUnavailable("Chroma server", exc) from None
 
 
 def chunk_id(doc_id: str, version: int, index: int) -> str:
@@ -78,7 +90,8 @@ class VectorStore:
         if found is not None:
             return found
         try:
-            found = self._client.get_collection(name, embedding_function=None)
+            with _reachable():
+                found = self._client.get_collection(name, embedding_function=None)
         except NotFoundError:
             raise MissingVectors(name) from None
         with self._lock:
@@ -88,7 +101,8 @@ class VectorStore:
         # A collection of this name can only be left over from a create that crashed before
         # its SQLite row committed: it holds nothing anyone acknowledged.
         self.drop(name)
-        created = self._client.create_collection(name, configuration=CONFIGURATION, embedding_function=None)
+        with _reachable():
+            created = self._client.create_collection(name, configuration=CONFIGURATION, embedding_function=None)
         with self._lock:
             self._collections[name] = created
 
@@ -96,16 +110,19 @@ class VectorStore:
         with self._lock:
             self._collections.pop(name, None)
         try:
-            self._client.delete_collection(name)
+            with _reachable():
+                self._client.delete_collection(name)
         except NotFoundError:
             pass
 
     def names(self, prefix: str) -> list[str]:
-        return [c.name for c in self._client.list_collections() if c.name.startswith(prefix)]
+        with _reachable():
+            return [c.name for c in self._client.list_collections() if c.name.startswith(prefix)]
 
     def _call(self, name: str, method: str, **kwargs):
         try:
-            return getattr(self.collection(name), method)(**kwargs)
+            with _reachable():
+                return getattr(self.collection(name), method)(**kwargs)
         except (NotFoundError, InternalError) as exc:
             # A `chroma run` server deleting the collection under a query answers with an
             # internal error ("Nothing found on disk") rather than NotFound; same meaning.

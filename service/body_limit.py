@@ -38,7 +38,10 @@ class BodyLimit:
             while more:
                 message = await receive()
                 if message["type"] != "http.request":
-                    break
+                    # The client left before its last chunk: a body that did not arrive whole is
+                    # not processed (the first lines of a bulk upload would be written), and
+                    # there is no one to answer.
+                    return
                 chunks.append(message.get("body", b""))
                 received += len(chunks[-1])
                 if received > limit:

@@ -13,9 +13,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Send
 
-from knowledge.errors import CollectionExists, CollectionNotFound, DocumentNotFound, KnowledgeError
+from knowledge.errors import CollectionExists, CollectionNotFound, DocumentNotFound, KnowledgeError, StoreUnavailable
 from knowledge.parsing import UnreadableFile, UnsupportedFile
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,9 @@ _KNOWLEDGE_STATUS: dict[type[KnowledgeError], tuple[int, str]] = {
     CollectionExists: (409, "conflict_error"),
     UnsupportedFile: (415, "invalid_request_error"),
     UnreadableFile: (422, "invalid_request_error"),
+    StoreUnavailable: (503, "service_unavailable"),
 }
+KNOWLEDGE_RETRY_AFTER_S = 5  # sent with a 503: the backing store may be back by then
 
 
 def _knowledge_status(exc: KnowledgeError) -> tuple[int, str]:
@@ -220,7 +223,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(KnowledgeError)
     async def _knowledge(_: Request, exc: KnowledgeError) -> JSONResponse:
         status, type_ = _knowledge_status(exc)
-        return _respond(status, envelope(str(exc), type_, code=_snake(type(exc).__name__)))
+        headers = {"Retry-After": str(KNOWLEDGE_RETRY_AFTER_S)} if status == 503 else None
+        return _respond(status, envelope(str(exc), type_, code=_snake(type(exc).__name__)), headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -243,6 +247,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         type_ = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         return _respond(exc.status_code, envelope(str(exc.detail), type_), getattr(exc, "headers", None))
+
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(_: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The body did not arrive whole, so nothing was done with it; the answer reaches no one.
+        return _respond(400, envelope("the request body did not arrive whole", "invalid_request_error",
+                                      code="incomplete_body"))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import chromadb
 import pytest
-from chromadb.config import Settings as ChromaSettings
 
-from service.engine.launcher import free_port
+from tests.chroma import ChromaServer
 from tests.gateway import Gateway
 from training.demo.base import build_base
 
@@ -59,36 +53,8 @@ def gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of a `chroma run` server on a free loopback port; stopped at the end of the session."""
-    root = tmp_path_factory.mktemp("chroma-server")
-    port = free_port()
-    chroma = Path(sys.executable).with_name("chroma")
-    log = (root / "server.log").open("wb")
-    proc = subprocess.Popen(
-        [str(chroma), "run", "--path", str(root / "data"), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "ANONYMIZED_TELEMETRY": "False"},
-    )
+    server = ChromaServer(tmp_path_factory.mktemp("chroma-server")).start()
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                client = chromadb.HttpClient(
-                    host="127.0.0.1", port=port, settings=ChromaSettings(anonymized_telemetry=False)
-                )
-                client.heartbeat()
-                client.close()
-                break
-            except Exception:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"chroma run did not start:\n{(root / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.1)
-        yield f"http://127.0.0.1:{port}"
+        yield server.url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        log.close()
+        server.stop()

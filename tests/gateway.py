@@ -86,6 +86,18 @@ class Gateway:
             time.sleep(1)
         raise AssertionError(f"lorag not ready within {timeout} s:\n{self.log_tail()}")
 
+    def wait_up(self, timeout: float = 120) -> None:
+        """Until /healthz answers (the process serves; its engine may not be ready)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.log_tail()
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        raise AssertionError(self.log_tail())
+
     def engine(self) -> psutil.Process:
         children = engine_children(self.proc.pid)
         assert len(children) == 1, f"expected one engine process, found {children}"
@@ -112,6 +124,15 @@ class Gateway:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+def knowledge_gateway(home: Path, chroma_url: str | None = None, env: dict[str, str] | None = None) -> Gateway:
+    """A gateway for the knowledge API alone: external mode at a closed port, so no vLLM starts
+    and the process is up in seconds."""
+    env = {"LORAG_ENGINE_URLS": f"http://127.0.0.1:{free_port()}", **(env or {})}
+    if chroma_url:
+        env["LORAG_CHROMA_URL"] = chroma_url
+    return Gateway(home.parent / "no-model", home, env=env)
 
 
 @dataclass

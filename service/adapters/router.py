@@ -7,8 +7,9 @@ from fastapi import APIRouter, Depends, File, Form, Query, Response, UploadFile,
 from service.adapters.schemas import Activate, ActivationOut, AdapterList, AdapterOut, Deleted, UploadOut
 from service.adapters.service import AdapterService
 from service.dependencies import Tenant, get_adapters
+from service.json_body import JsonRoute
 
-router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"], route_class=JsonRoute)
 Adapters = Annotated[AdapterService, Depends(get_adapters)]
 
 

@@ -16,6 +16,7 @@ from jinja2 import TemplateError
 
 from knowledge import KnowledgeBase
 from knowledge.prompting import PromptBuilder
+from knowledge.search import MAX_QUERY_CHARS
 from service.chat.query_embedding import QueryEmbedder
 from service.chat.schemas import ChatCompletionRequest
 from service.errors import EngineUnavailable, InvalidRequest
@@ -81,6 +82,14 @@ class Retrieval:
         query = "\n".join(m.text() for m in users[-s.rag_query_turns:]).strip()
         if not query:
             raise InvalidRequest("retrieval needs a user message with text to search for", param="messages")
+        # A turn may be longer than a search query may be: search for its end, where the
+        # question usually is, cut at a word boundary.
+        cut = len(query) > MAX_QUERY_CHARS
+        if cut:
+            tail = query[-MAX_QUERY_CHARS:]
+            if not query[-MAX_QUERY_CHARS - 1].isspace():  # the cut fell inside a word: drop its end
+                tail = tail.split(None, 1)[-1]
+            query = tail.strip()
         messages = [m.model_dump(exclude_unset=True) for m in request.messages]
         top_k = option("top_k") or s.rag_top_k
         mode = option("mode") or s.rag_mode
@@ -110,6 +119,8 @@ class Retrieval:
                 "sources": len(prompt.sources),
                 "dropped": len(prompt.dropped),
                 "prompt_tokens": prompt.prompt_tokens,
+                "query_chars": len(query),
+                "query_cut": cut,
                 "timings_ms": {
                     "embed": round(embed_ms, 3),
                     "search": round(result.timings.search_ms, 3),

@@ -9,8 +9,9 @@ from starlette.types import Receive, Scope, Send
 from service.chat.schemas import ChatCompletion, ChatCompletionRequest
 from service.chat.service import ChatService, Relay
 from service.dependencies import Tenant, get_chat
+from service.json_body import JsonRoute
 
-router = APIRouter(tags=["chat"])
+router = APIRouter(tags=["chat"], route_class=JsonRoute)
 
 
 class RelayResponse(StreamingResponse):

@@ -5,6 +5,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile, status
 
 from service.dependencies import Tenant, get_knowledge
+from service.errors import InvalidRequest
+from service.json_body import JsonRoute
 from service.knowledge.schemas import (
     BulkResult,
     CollectionCreate,
@@ -19,7 +21,7 @@ from service.knowledge.schemas import (
 )
 from service.knowledge.service import KnowledgeService
 
-router = APIRouter(prefix="/v1/collections", tags=["knowledge"])
+router = APIRouter(prefix="/v1/collections", tags=["knowledge"], route_class=JsonRoute)
 Knowledge = Annotated[KnowledgeService, Depends(get_knowledge)]
 
 
@@ -72,6 +74,7 @@ async def bulk_upsert(name: str, request: Request, knowledge: Knowledge, tenant:
 @router.post("/{name}/files", response_model=WriteResultOut, responses={201: {"model": WriteResultOut}})
 async def upload_file(
     name: str,
+    request: Request,
     response: Response,
     knowledge: Knowledge,
     tenant: Tenant,
@@ -80,6 +83,11 @@ async def upload_file(
     metadata: Annotated[str | None, Form(description="Metadata as a JSON object.")] = None,
 ) -> dict:
     """Upload a file; its text becomes a document (a new version if the id exists and the text changed)."""
+    # FastAPI keeps the last of several parts of one name; a second file would be dropped unseen.
+    for field in ("file", "doc_id", "metadata"):
+        if len((await request.form()).getlist(field)) > 1:
+            raise InvalidRequest(f"the upload has more than one {field!r} part; send one file per request",
+                                 param=field, code="duplicate_field")
     data = await file.read()
     written = await knowledge.put_file(name, file.filename or "", data, doc_id, metadata, tenant=tenant)
     return _write_status(response, written)

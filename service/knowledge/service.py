@@ -5,7 +5,6 @@ Every call names the caller's tenant: collection names resolve inside it, nowher
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict
 from functools import partial
 from typing import Any
@@ -17,6 +16,7 @@ from knowledge.documents import DocumentInput
 from knowledge.errors import InvalidDocument
 from knowledge.parsing import extract_text
 from service.errors import InvalidRequest, LimitExceeded
+from service.json_body import MalformedJson, parse_json
 from service.settings import Settings
 
 
@@ -112,9 +112,11 @@ def _metadata_form(raw: str | None) -> dict[str, Any]:
     if not raw:
         return {}
     try:
-        meta = json.loads(raw)
-    except ValueError:
-        raise InvalidRequest("metadata must be a JSON object, e.g. {\"lang\": \"en\"}", param="metadata") from None
+        meta = parse_json(raw)
+    except MalformedJson as exc:
+        raise InvalidRequest(
+            f"metadata must be a JSON object, e.g. {{\"lang\": \"en\"}}: {exc.message}", param="metadata", code=exc.code
+        ) from None
     if not isinstance(meta, dict):
         raise InvalidRequest("metadata must be a JSON object", param="metadata")
     return meta
@@ -122,9 +124,9 @@ def _metadata_form(raw: str | None) -> dict[str, Any]:
 
 def _bulk_item(line: str) -> dict:
     try:
-        item = json.loads(line)
-    except ValueError as exc:
-        raise InvalidDocument(f"not JSON: {exc}") from None
+        item = parse_json(line)
+    except MalformedJson as exc:
+        raise InvalidDocument(exc.message) from None
     if not isinstance(item, dict):
         raise InvalidDocument("each line must be a JSON object with \"id\" and \"text\"")
     unknown = set(item) - {"id", "text", "metadata"}

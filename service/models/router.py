@@ -5,10 +5,11 @@ from typing import Annotated
 from fastapi import APIRouter, Depends
 
 from service.dependencies import Tenant, get_catalog
+from service.json_body import JsonRoute
 from service.models.catalog import ModelCatalog
 from service.models.schemas import ModelList
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], route_class=JsonRoute)
 
 
 @router.get("/v1/models", response_model=ModelList)

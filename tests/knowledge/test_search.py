@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from knowledge import DocumentInput, InvalidFilter, InvalidQuery, KnowledgeBase
-from knowledge.filters import Filter
+from knowledge.filters import MAX_CLAUSES, MAX_CONDITIONS, MAX_DEPTH, MAX_TOTAL_VALUES, MAX_VALUES, Filter
 from tests.knowledge.conftest import CHROMA_MODES, chroma_settings
 
 DOCS = [
@@ -167,11 +167,49 @@ def nested(where: dict, depth: int) -> dict:
         ("topic = geology", "non-empty object"),
         ([{"topic": "geology"}], "non-empty object"),
         (nested({"a": 1}, 10), "deeper"),
+        ({f"k{i}": 1 for i in range(MAX_CLAUSES + 1)}, "keys, more than"),
+        ({f"k{i}": 1 for i in range(12_000)}, "keys, more than"),  # once crashed the whole process
+        ({"$or": [{f"a{i}": 1, f"b{i}": 2, f"c{i}": 3} for i in range(22)]}, "conditions in all"),
+        ({"$and": [{f"k{i}": {"$in": list(range(MAX_VALUES))}} for i in range(3)]}, "values in all"),
+        ({"topic": "x" * 2049}, "longer than"),
+        ({"topic": {"$in": ["x" * 2049]}}, "longer than"),
     ],
 )
 def test_invalid_filters_are_refused(corpus: KnowledgeBase, where, message):
     with pytest.raises(InvalidFilter, match=message):
         corpus.search("corpus", "volcano", filter=where)
+
+
+def _deepest() -> dict:
+    where: dict = {"year": {"$gte": 0}}
+    for _ in range(MAX_DEPTH):
+        where = {"$or": [where, {"topic": "none"}]}
+    return where
+
+
+# The largest filters of each shape the validator accepts: each must run in Chroma and in
+# SQLite alike (past these limits SQLite refused "Expression tree is too large", and Chroma
+# failed or crashed), and mean the same in both.
+@pytest.mark.parametrize(
+    ("where", "expected"),
+    [
+        (_deepest(), {"volcano", "sourdough", "tides", "chess"}),
+        ({f"k{i}": {"$nin": [f"v{j}" for j in range(8)]} for i in range(MAX_CLAUSES)}, {d.doc_id for d in DOCS}),
+        ({"$or": [{f"a{i}": {"$ne": "x"}, f"b{i}": {"$nin": list(range(6))}} for i in range(MAX_CONDITIONS // 2)]},
+         {d.doc_id for d in DOCS}),
+        ({"$and": [{"year": {"$nin": list(range(MAX_VALUES))}}, {"rating": {"$nin": list(range(MAX_VALUES))}},
+                   {"level": {"$nin": [str(i) for i in range(MAX_TOTAL_VALUES - 2 * MAX_VALUES)]}}]},
+         {"volcano", "tides"}),
+        ({"topic": {"$in": ["geology", *("x" * 2048 for _ in range(MAX_VALUES - 1))]}}, {"volcano", "tides"}),
+    ],
+    ids=["deepest", "widest-object", "most-conditions", "most-values", "longest-strings"],
+)
+def test_largest_accepted_filters_run_everywhere(corpus: KnowledgeBase, where: dict, expected: set[str]):
+    query = "volcanic bread tides chess kafka"
+    for mode in ("dense", "keyword", "hybrid"):
+        unfiltered = {h.doc_id for h in corpus.search("corpus", query, top_k=20, mode=mode).hits}
+        found = {h.doc_id for h in corpus.search("corpus", query, top_k=20, mode=mode, filter=where).hits}
+        assert found == expected & unfiltered, mode
 
 
 def test_empty_filter_means_none():

@@ -14,35 +14,15 @@ import pytest
 
 from service.engine.launcher import free_port
 from tests.documents import pdf_bytes
-from tests.gateway import Gateway
-
-
-def _knowledge_gateway(tmp_path, home, chroma_url: str | None = None) -> Gateway:
-    # External mode at a closed port: no vLLM, so the process starts in seconds.
-    env = {"LORAG_ENGINE_URLS": f"http://127.0.0.1:{free_port()}"}
-    if chroma_url:
-        env["LORAG_CHROMA_URL"] = chroma_url
-    return Gateway(tmp_path / "no-model", home, env=env)
-
-
-def _wait_up(gw: Gateway) -> None:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        assert gw.proc.poll() is None, gw.log_tail()
-        try:
-            if httpx.get(f"{gw.url}/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    raise AssertionError(gw.log_tail())
+from tests.gateway import Gateway, knowledge_gateway
 
 
 @pytest.fixture(params=["persistent", "server"])
 def service(request, tmp_path):
     """A real `lorag serve`, its Chroma embedded or the session's `chroma run` server."""
     chroma_url = request.getfixturevalue("chroma_server") if request.param == "server" else None
-    gw = _knowledge_gateway(tmp_path, tmp_path / "home", chroma_url).start()
-    _wait_up(gw)
+    gw = knowledge_gateway(tmp_path / "home", chroma_url).start()
+    gw.wait_up()
     yield gw
     if gw.proc.poll() is None:
         gw.stop(signal.SIGTERM)
@@ -92,7 +72,7 @@ def test_sigkill_mid_ingest_keeps_every_acknowledged_write_once(service, tmp_pat
 
     restarted = Gateway(service.model, service.home, env=service.env).start()
     try:
-        _wait_up(restarted)
+        restarted.wait_up()
         url = f"{restarted.url}/v1/collections/ledger"
         for doc, i in acked.items():
             got = httpx.get(f"{url}/documents/{doc}").json()
