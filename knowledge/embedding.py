@@ -41,6 +41,20 @@ class Embedder:
         # Content tokens per input: the model's window less [CLS]/[SEP] (or the model's equivalents).
         self.max_tokens = int(self._model.max_seq_length) - self.tokenizer.num_special_tokens_to_add(pair=False)
 
+    @property
+    def model(self):
+        """The loaded sentence-transformers pipeline (modules.json's modules, in order)."""
+        return self._model
+
+    def features(self, texts: Sequence[str]) -> dict[str, np.ndarray]:
+        """The model's inputs for `texts` as `encode` makes them (same tokenizer call, truncation, padding)."""
+        import torch
+
+        # preprocess since sentence-transformers 5.x; tokenize before (it warns since).
+        prepare = getattr(self._model, "preprocess", None) or self._model.tokenize
+        batch = prepare(list(texts))
+        return {name: value.numpy() for name, value in batch.items() if isinstance(value, torch.Tensor)}
+
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         out = np.empty((len(texts), self.dim), dtype=np.float32)
         if not texts:

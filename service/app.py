@@ -20,6 +20,7 @@ from service.auth.keys import KeyStore
 from service.body_limit import BodyLimit
 from service.drain import Drain, DrainGate
 from service.request_id import RequestId
+from service.chat.query_embedding import load_query_encoder
 from service.chat.retrieval import Retrieval, load_builder
 from service.chat.router import router as chat_router
 from service.chat.service import ChatService
@@ -78,12 +79,17 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
         # The engine starts in the background first, so its start overlaps the
         # knowledge base's (the embedder and Chroma take seconds to open).
         await engines.start()
+        kb = None
         try:
             kb = await to_thread.run_sync(KnowledgeBase, knowledge_settings)
+            # LORAG_QUERY_ENCODER=onnx: exported at first start (seconds), checked against torch at every start.
+            query_encoder = await to_thread.run_sync(load_query_encoder, settings, kb.embedder)
         except BaseException:
             # The engine is already starting: a failed start must not leave it behind.
             await engines.stop()
             await http.aclose()
+            if kb is not None:
+                kb.close()
             registry.close()
             keys.close()
             raise
@@ -93,7 +99,7 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
         app.state.catalog = catalog
         app.state.adapters = adapters
         app.state.metrics = metrics
-        retrieval = Retrieval(kb, builder, settings)
+        retrieval = Retrieval(kb, builder, settings, query_encoder)
         app.state.chat = ChatService(settings, engines, catalog, adapters, http, retrieval, metrics)
         log.info("lorag serving model %r (%s engine)", catalog.base, "embedded" if settings.embedded else "external")
         try:

@@ -35,7 +35,14 @@ class Settings(BaseSettings):
         30, ge=0, description="On SIGTERM, longest wait for requests in flight to finish before the engine stops."
     )
     torch_threads: int = Field(
-        1, ge=1, description="torch threads in the gateway (the embedder); more fight vLLM for the CPU and run slower."
+        1, ge=1, description="torch threads in the gateway (the embedder), and ONNX Runtime threads of the query "
+        "encoder; more fight vLLM for the CPU and run slower."
+    )
+    query_encoder: Literal["onnx", "torch"] = Field(
+        "onnx",
+        description="Runtime that embeds chat queries: 'onnx' runs the embedder's model on ONNX Runtime (exported "
+        "from the same weights at first start, cached under home/cache, checked against torch's vectors at every "
+        "start; an export that fails stops the start), 'torch' runs the embedder itself. Documents always use torch.",
     )
 
     auth: Literal["auto", "on", "off"] = Field(

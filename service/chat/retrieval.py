@@ -17,7 +17,7 @@ from jinja2 import TemplateError
 from knowledge import KnowledgeBase
 from knowledge.prompting import PromptBuilder
 from knowledge.search import MAX_QUERY_CHARS
-from service.chat.query_embedding import QueryEmbedder
+from service.chat.query_embedding import Encoder, QueryEmbedder
 from service.chat.schemas import ChatCompletionRequest
 from service.errors import EngineUnavailable, InvalidRequest
 from service.settings import Settings
@@ -33,11 +33,14 @@ class Grounding:
 
 
 class Retrieval:
-    def __init__(self, kb: KnowledgeBase, builder: PromptBuilder | None, settings: Settings):
+    def __init__(
+        self, kb: KnowledgeBase, builder: PromptBuilder | None, settings: Settings, encoder: Encoder | None = None
+    ):
+        """`encoder` embeds the queries (load_query_encoder); default: the knowledge base's embedder."""
         self._kb = kb
         self._builder = builder
         self._settings = settings
-        self._queries = QueryEmbedder(kb.embedder)
+        self._queries = QueryEmbedder(encoder or kb.embedder)
         # One search at a time: thirty-two at once in worker threads fought over the GIL, and a
         # 2 ms search took up to a second at the tail (rag bench, 32 concurrent requests).
         self._cpu = CapacityLimiter(1)
