@@ -15,7 +15,7 @@ from anyio import CapacityLimiter, to_thread
 from jinja2 import TemplateError
 
 from knowledge import KnowledgeBase
-from knowledge.prompting import PromptBuilder
+from knowledge.prompting import Neutraliser, PromptBuilder
 from knowledge.search import MAX_QUERY_CHARS
 from service.chat.query_embedding import Encoder, QueryEmbedder
 from service.chat.schemas import ChatCompletionRequest
@@ -47,6 +47,16 @@ class Retrieval:
 
     async def close(self) -> None:
         await self._queries.close()
+
+    def neutraliser(self) -> Neutraliser:
+        """The served tokenizer's special-token neutraliser: every chat needs it, with retrieval or not."""
+        if self._builder is None:
+            raise EngineUnavailable(
+                "chat needs the served model's tokenizer to keep its special tokens out of supplied text, and "
+                f"none could be loaded from {self._settings.model_path}: set LORAG_MODEL to a local copy of "
+                "the model (or of its tokenizer)"
+            )
+        return self._builder.neutraliser
 
     def wanted(self, request: ChatCompletionRequest, declared: dict[str, Any] | None = None) -> bool:
         """Retrieve if the request says so, else if its adapter declares a collection, else if settings name one."""

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
+import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
@@ -68,13 +71,30 @@ class ChatService:
         self._retrieval = retrieval
         self._metrics = metrics
         self._in_flight = 0  # admitted and not yet ended
+        # Per instance: a salt nobody outside this process can compute (vLLM's advice), the same for
+        # a tenant's requests while it runs, so a tenant still hits its own cached prefixes.
+        self._salt_key = secrets.token_bytes(32)
+
+    def _salt(self, tenant: str) -> str:
+        """The tenant's vLLM `cache_salt`: hex (vLLM refuses `/` and `@`), 64 characters (its limit: 128)."""
+        return hmac.new(self._salt_key, tenant.encode(), hashlib.sha256).hexdigest()
 
     async def admit(self, request: ChatCompletionRequest, tenant: str) -> Admission:
         """Check the limits, resolve (in the caller's tenant) and hold the model's version, retrieve
         if asked, build the engine's body."""
         self._check_limits(request)
         s = self._settings
-        body = request.model_dump(exclude_unset=True, exclude={"rag"})
+        # Only declared fields exist (the schema forbids others); a null means the engine's default.
+        dumped = request.model_dump(exclude_unset=True, exclude={"rag"}, by_alias=True)
+        body = {k: v for k, v in dumped.items() if v is not None}
+        # Every string a template renders, with retrieval or without: no special token's text.
+        neutraliser = self._retrieval.neutraliser()
+        body["messages"] = [neutraliser.message(m) for m in body["messages"]]
+        if "tools" in body:
+            body["tools"] = neutraliser.value(body["tools"])
+        # Tenants never share the engine's prefix cache: a cache hit is a timing signal that
+        # tells one tenant another's prompt.
+        body["cache_salt"] = self._salt(tenant)
         # Resolved once, here: the request keeps this version to its end, whatever is activated meanwhile.
         target = self._catalog.resolve(tenant, request.model)
         # vLLM queues without bound; past this many, a quick 429 beats a slow timeout.
@@ -95,6 +115,7 @@ class ChatService:
             if request.stream:
                 options = body.get("stream_options") or {}
                 admission.wants_usage = bool(options.get("include_usage"))
+                options = {k: v for k, v in options.items() if v is not None}
                 body["stream_options"] = {**options, "include_usage": True}  # for the token metrics
             if self._retrieval.wanted(request, target.rag):
                 max_tokens = body.get("max_completion_tokens") or body["max_tokens"]

@@ -104,6 +104,21 @@ LIMIT_CASES = [
     ("model missing", {"messages": ASK["messages"]}, 400, "model"),
     ("unknown model", {**ASK, "model": "gpt-4"}, 404, "model"),
     ("body too large", {**ASK, "messages": [{"role": "user", "content": "x" * 70_000}]}, 413, None),
+    # Only documented fields reach vLLM; these change the prompt's rendering, the scheduling or the caches.
+    *((f"{field} is not forwarded", {**ASK, field: value}, 400, field) for field, value in [
+        ("kv_transfer_params", {"do_remote_prefill": True}), ("priority", -100), ("cache_salt", "shared"),
+        ("add_special_tokens", True), ("chat_template", "{{ messages }}"), ("chat_template_kwargs", {"x": 1}),
+        ("add_generation_prompt", False), ("continue_final_message", True), ("documents", [{"text": "x"}]),
+        ("mm_processor_kwargs", {}), ("request_id", "mine"), ("truncate_prompt_tokens", 2),
+        ("prompt_logprobs", 1), ("return_prompt_text", True), ("return_tokens_as_token_ids", True),
+        ("vllm_xargs", {"a": 1}), ("no_such_field", 1),
+    ]),
+    ("unknown message key", {**ASK, "messages": [{"role": "user", "content": "hi", "prefix": True}]}, 400,
+     "messages.0.prefix"),
+    *((f"stream_options {value!r}", {**ASK, "stream": True, "stream_options": value}, 400, "stream_options")
+      for value in ("x", [True], 3)),
+    ("stream_options unknown key", {**ASK, "stream": True, "stream_options": {"usage": True}}, 400,
+     "stream_options.usage"),
 ]
 
 
@@ -115,6 +130,29 @@ def test_limits_and_bad_requests_get_a_4xx_envelope(gateway, case, body, status,
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param
     assert error["message"]
+
+
+def test_documented_vllm_fields_still_reach_the_engine(gateway):
+    body = {**ASK, "max_tokens": 8, "top_k": 5, "min_p": 0.1, "repetition_penalty": 1.1, "seed": 7, "temperature": 0.5, "stop": ["zzz"],
+            "structured_outputs": {"choice": ["yes", "no"]}, "stream_options": None}
+    response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60)
+    assert response.status_code == 200, response.text
+    answer = response.json()["choices"][0]
+    assert answer["message"]["content"] in ("yes", "no")  # structured_outputs reached vLLM
+    with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", timeout=60, json={
+        **ASK, "max_tokens": 2, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": False},
+    }) as stream:
+        payloads = sse_payloads(stream.read().decode())
+    assert payloads[-2]["usage"]["completion_tokens"] == 2
+
+
+def test_the_schema_lists_the_forwarded_fields(gateway):
+    schemas = httpx.get(f"{gateway.url}/openapi.json").json()["components"]["schemas"]
+    request = schemas["ChatCompletionRequest"]
+    assert request["additionalProperties"] is False
+    assert {"top_k", "min_p", "structured_outputs", "stream_options", "ignore_eos"} <= set(request["properties"])
+    assert not {"priority", "cache_salt", "kv_transfer_params", "chat_template"} & set(request["properties"])
+    assert schemas["ChatMessage"]["additionalProperties"] is False
 
 
 def test_limits_are_enforced_before_the_engine_sees_the_request(gateway):
@@ -191,8 +229,7 @@ def test_stream_frames_survive_unicode_line_separators_in_the_text(gateway):
     # cut the frame there. vLLM echoes the final assistant message, so the text is exact.
     text = "one\u2028two\u2029three\u0085four\rfive"
     body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": text}],
-            "echo": True, "add_generation_prompt": False, "continue_final_message": True, "max_tokens": 2,
-            "stream": True}
+            "echo": True, "max_tokens": 2, "stream": True}
     response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60)
     assert response.status_code == 200
     frames = response.content.split(b"\n\n")

@@ -278,3 +278,26 @@ def test_each_tenant_has_its_own_adapter_of_the_same_name(tenancy_gateway, as_a,
         assert as_b.delete("/v1/adapters/legal").status_code == 200
     assert as_a.get("/v1/adapters/legal").json()["active"] == a_version
     assert chat(as_a, "legal").json()["model"] == f"legal@{a_version}"
+
+
+def _prefix_cache_hits(gw) -> float:
+    """Prompt tokens vLLM found in its prefix cache, so far."""
+    metrics = httpx.get(f"{gw.engine_url()}/metrics").text
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith("vllm:prefix_cache_hits_total"))
+
+
+def test_tenants_never_share_the_engines_prefix_cache(tenancy_gateway, as_a, as_b):
+    # A hit is a timing side channel: B would learn that A's prompts begin this way.
+    gw, _, _ = tenancy_gateway
+    prompt = "Confidential tender for berth 12: " + " ".join(f"clause {i} binds the bidder" for i in range(80))
+    body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": prompt}], "max_tokens": 1}
+    assert as_a.post("/v1/chat/completions", json=body).status_code == 200
+    before = _prefix_cache_hits(gw)
+    assert as_a.post("/v1/chat/completions", json=body).status_code == 200
+    after_a = _prefix_cache_hits(gw)
+    assert after_a > before  # the same tenant reuses its own cached prefix
+    assert as_b.post("/v1/chat/completions", json=body).status_code == 200
+    assert _prefix_cache_hits(gw) == after_a  # another tenant's identical prompt finds nothing cached
+    refused = as_b.post("/v1/chat/completions", json={**body, "cache_salt": "guess"})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "cache_salt"
