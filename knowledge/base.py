@@ -34,6 +34,8 @@ from knowledge.errors import CollectionExists, CollectionNotFound, DocumentNotFo
 from knowledge.filters import Filter
 from knowledge.ingestion import Ingestion
 from knowledge.keywords import MissingIndex
+from knowledge.parsing import extract_text
+from knowledge.pdf_reading import PdfExtractor, PdfLimits
 from knowledge.records import CollectionRow, DocumentRow, RecordStore
 from knowledge.search import Mode, Searcher, SearchResult
 from knowledge.settings import KnowledgeSettings
@@ -61,6 +63,11 @@ class KnowledgeBase:
                 f"({self.embedder.max_tokens} tokens); lower LORAG_CHUNK_TOKENS"
             )
         self.chunker = Chunker(self.embedder.tokenizer, settings.chunk_tokens, settings.chunk_overlap)
+        self.pdfs = PdfExtractor(
+            PdfLimits(settings.pdf_timeout_s, settings.pdf_memory_mb << 20, settings.pdf_max_pages,
+                      settings.max_document_chars),
+            settings.pdf_workers,
+        )
         self.records = RecordStore(settings.database_path)
         try:
             self.vectors = VectorStore(settings)
@@ -140,6 +147,10 @@ class KnowledgeBase:
         return row
 
     # Documents
+
+    def extract_text(self, filename: str, data: bytes) -> str:
+        """An uploaded file's text (PDFs read in a child process under the pdf_* limits)."""
+        return extract_text(filename, data, self.pdfs)
 
     def put_document(
         self, collection: str, doc_id: str, text: str, metadata: Metadata | None = None, *, tenant: str = DEFAULT_TENANT

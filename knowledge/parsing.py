@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import io
-import logging
 import re
 from pathlib import PurePath
 
 from knowledge.errors import InvalidDocument
+from knowledge.pdf_reading import PdfExtractor, PdfFailed, PdfTooLarge
 
 SUPPORTED_SUFFIXES = (".txt", ".md", ".markdown", ".html", ".htm", ".pdf")
 
@@ -24,14 +23,14 @@ class UnreadableFile(InvalidDocument):
     """The file's bytes are not what its name says (binary garbage, a broken PDF, no text)."""
 
 
-def extract_text(filename: str, data: bytes) -> str:
+def extract_text(filename: str, data: bytes, pdfs: PdfExtractor) -> str:
     suffix = PurePath(filename).suffix.lower()
     if suffix not in SUPPORTED_SUFFIXES:
         raise UnsupportedFile(
             f"{filename}: unsupported file type {suffix or '(none)'}; send one of {', '.join(SUPPORTED_SUFFIXES)}"
         )
     if suffix == ".pdf":
-        text = _pdf_text(filename, data)
+        text = _pdf_text(filename, data, pdfs)
     else:
         text = _decode(filename, data)
         if suffix in (".html", ".htm"):
@@ -67,18 +66,13 @@ def _html_text(html: str) -> str:
     return "\n".join(line for line in lines if line)
 
 
-def _pdf_text(filename: str, data: bytes) -> str:
-    from pypdf import PdfReader
-    from pypdf.errors import PyPdfError
-
-    # pypdf logs every repair it attempts on a damaged file; the caller gets one clear error instead.
-    logging.getLogger("pypdf").setLevel(logging.ERROR)
+def _pdf_text(filename: str, data: bytes, pdfs: PdfExtractor) -> str:
     try:
-        reader = PdfReader(io.BytesIO(data), strict=False)
-        pages = [page.extract_text() or "" for page in reader.pages]
-    except (PyPdfError, ValueError, KeyError, TypeError, OSError, AttributeError) as exc:
-        raise UnreadableFile(f"{filename}: not a readable PDF ({exc.__class__.__name__}: {exc})") from None
-    text = "\n\n".join(page.strip() for page in pages if page.strip())
+        text = pdfs.text(data)
+    except PdfFailed as exc:
+        raise UnreadableFile(f"{filename}: not a readable PDF ({exc})") from None
+    except PdfTooLarge as exc:
+        raise InvalidDocument(f"{filename}: {exc}") from None
     if not text:
         raise UnreadableFile(f"{filename}: the PDF has no extractable text (a scan needs OCR first)")
     return text

@@ -32,6 +32,15 @@ class KnowledgeSettings(BaseSettings):
     embed_batch_size: int = Field(64, ge=1, description="Texts per embedder forward pass.")
     max_document_chars: int = Field(2_000_000, ge=1, description="Longest document text accepted, in characters.")
     max_top_k: int = Field(100, ge=1, le=1000, description="Most hits one search may ask for.")
+    # A PDF is read by a child process under these limits; past them the upload is refused (422 or 400).
+    pdf_timeout_s: float = Field(30, gt=0, description="Longest time reading one uploaded PDF may take, in seconds.")
+    pdf_memory_mb: int = Field(
+        512, ge=128, description="Memory (address space) the process that reads one PDF may use, in MiB."
+    )
+    pdf_max_pages: int = Field(2000, ge=1, description="Most pages in one uploaded PDF.")
+    pdf_workers: int = Field(
+        2, ge=1, description="PDFs read at once (each may use LORAG_PDF_MEMORY_MB); more uploads wait their turn."
+    )
 
     @field_validator("chroma_url")
     @classmethod

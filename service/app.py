@@ -123,7 +123,7 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
         BodyLimit,
         max_bytes=settings.max_body_bytes,
         upload_max_bytes=settings.max_upload_bytes,
-        upload_paths=r"/v1/collections/[^/]+/(files|documents/bulk)|/v1/adapters/[^/]+/versions",
+        upload_paths=r"POST /v1/collections/[^/]+/(files|documents/bulk)|POST /v1/adapters/[^/]+/versions",
     )
     app.state.drain = Drain()  # started by the server on SIGTERM (service.drain)
     app.add_middleware(DrainGate, drain=app.state.drain)

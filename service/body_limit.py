@@ -10,7 +10,7 @@ from service.errors import BodyTooLarge, InvalidRequest, send_error
 
 
 class BodyLimit:
-    """`max_bytes` for every request, `upload_max_bytes` for the paths `upload_paths` matches whole."""
+    """`max_bytes` for every request, `upload_max_bytes` for those whose "METHOD /path" `upload_paths` matches whole."""
 
     def __init__(self, app: ASGIApp, max_bytes: int, upload_max_bytes: int, upload_paths: str):
         self.app = app
@@ -22,7 +22,8 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.upload_max_bytes if self.upload_paths.fullmatch(scope["path"]) else self.max_bytes
+        route = f"{scope['method']} {scope['path']}"  # PUT .../documents/bulk is a document called "bulk"
+        limit = self.upload_max_bytes if self.upload_paths.fullmatch(route) else self.max_bytes
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None:
             if not declared.isdigit():

@@ -208,7 +208,9 @@ def _serve(settings: Settings) -> int:
             return 2
     # On SIGTERM: drain (503 to new requests, those in flight finish), then stop; the engine stops last.
     app = create_app(settings)
-    serve(app, settings.host, settings.port, app.state.drain, settings.drain_timeout_s)
+    serve(app, settings.host, settings.port, app.state.drain, settings.drain_timeout_s,
+          keepalive_timeout_s=settings.keepalive_timeout_s, header_timeout_s=settings.header_timeout_s,
+          max_connections=settings.max_connections)
     return 0
 
 

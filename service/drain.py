@@ -16,6 +16,7 @@ from types import FrameType
 import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.connections import limited_protocol
 from service.errors import Draining, send_error
 
 # Still answered while draining: a liveness probe must not restart a process that is
@@ -77,11 +78,16 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve(app: ASGIApp, host: str, port: int, drain: Drain, drain_timeout_s: float) -> None:
+def serve(
+    app: ASGIApp, host: str, port: int, drain: Drain, drain_timeout_s: float, *,
+    keepalive_timeout_s: int, header_timeout_s: float, max_connections: int,
+) -> None:
     config = uvicorn.Config(
         app, host=host, port=port, log_config=None,
         # After the drain, what is left (only past its timeout) gets a moment, then is cut.
         timeout_graceful_shutdown=2,
+        timeout_keep_alive=keepalive_timeout_s,
+        http=limited_protocol(header_timeout_s, max_connections),
     )
     DrainingServer(config, drain, drain_timeout_s).run()
 

@@ -116,6 +116,18 @@ class Draining(LoragError):
         super().__init__("this instance is shutting down; retry, and another instance will answer", code="draining")
 
 
+class TooManyConnections(LoragError):
+    """More client connections are open than LORAG_MAX_CONNECTIONS allows."""
+
+    status_code = 503
+    type = "service_unavailable"
+    retry_after = 1
+
+    def __init__(self) -> None:
+        super().__init__("too many open connections to this instance (LORAG_MAX_CONNECTIONS); retry shortly, "
+                         "or reuse one connection for many requests", code="too_many_connections")
+
+
 class EngineError(LoragError):
     """The engine answered with a server error or broke the connection."""
 

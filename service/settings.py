@@ -34,6 +34,17 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         30, ge=0, description="On SIGTERM, longest wait for requests in flight to finish before the engine stops."
     )
+    keepalive_timeout_s: int = Field(
+        5, ge=1, description="Seconds a keep-alive connection may stay silent after a response before it is closed."
+    )
+    header_timeout_s: float = Field(
+        10, gt=0, description="Seconds a connection has, from opening or from its previous response, to send the "
+        "next request's headers in full; a silent or slower connection is closed.",
+    )
+    max_connections: int = Field(
+        1000, ge=1, description="Open client connections at most; a request on one past it is answered "
+        "503 too_many_connections (with Retry-After) and the connection closed.",
+    )
     torch_threads: int = Field(
         1, ge=1, description="torch threads in the gateway (the embedder), and ONNX Runtime threads of the query "
         "encoder; more fight vLLM for the CPU and run slower."

@@ -14,7 +14,6 @@ from anyio import to_thread
 from knowledge import KnowledgeBase
 from knowledge.documents import DocumentInput
 from knowledge.errors import InvalidDocument
-from knowledge.parsing import extract_text
 from service.errors import InvalidRequest, LimitExceeded
 from service.json_body import MalformedJson, parse_json
 from service.settings import Settings
@@ -47,7 +46,7 @@ class KnowledgeService:
     ) -> dict:
         """Extract the file's text and write it as a document (its id defaults to the file name)."""
         meta = _metadata_form(metadata)
-        text = await to_thread.run_sync(extract_text, filename, data)
+        text = await to_thread.run_sync(self._kb.extract_text, filename, data)
         return await self.put_document(collection, doc_id or filename, text, meta, tenant=tenant)
 
     async def put_bulk(self, collection: str, body: bytes, *, tenant: str) -> dict:

@@ -137,6 +137,9 @@ def test_a_document_id_cannot_unlock_the_upload_limit(client):
     # The upload limit (300 kB here) applies to the upload routes only, not to ids ending in /files.
     response = client.put(f"{C}/documents/x/files", json={"text": "x" * 250_000})
     assert _error(response, 413)["code"] == "body_too_large"
+    # Nor a document called "bulk": only POST .../documents/bulk is the bulk upload.
+    response = client.put(f"{C}/documents/bulk", json={"text": "x" * 250_000})
+    assert _error(response, 413)["code"] == "body_too_large"
 
 
 def test_bulk_limits(client):
