@@ -11,8 +11,7 @@ import time
 import httpx
 import pytest
 
-from service.engine.launcher import free_port
-from tests.gateway import Gateway
+from tests.gateway import Gateway, knowledge_gateway
 
 MAX_CONNECTIONS = 4
 # Socket timeouts only guard against a server that never closes (the old behaviour); they are far
@@ -23,21 +22,11 @@ GUARD_S = 60
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
     home = tmp_path_factory.mktemp("conn-home")
-    # External mode at a closed port: no vLLM, so the process starts in seconds.
-    gateway = Gateway(home / "no-model", home, env={
-        "LORAG_ENGINE_URLS": f"http://127.0.0.1:{free_port()}",
+    gateway = knowledge_gateway(home, env={
         "LORAG_HEADER_TIMEOUT_S": "3", "LORAG_KEEPALIVE_TIMEOUT_S": "1",
         "LORAG_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
     }).start()
-    deadline = time.monotonic() + 120
-    while True:
-        assert gateway.proc.poll() is None, gateway.log_tail()
-        try:
-            if httpx.get(f"{gateway.url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            assert time.monotonic() < deadline, gateway.log_tail()
-            time.sleep(0.5)
+    gateway.wait_up()
     yield gateway
     gateway.stop(signal.SIGTERM)
 

@@ -4,16 +4,14 @@ serves the next request with its memory untouched (the reader runs in a child pr
 from __future__ import annotations
 
 import signal
-import time
 import zlib
 from pathlib import Path
 
 import httpx
 import pytest
 
-from service.engine.launcher import free_port
 from tests.documents import pdf_bytes
-from tests.gateway import Gateway
+from tests.gateway import Gateway, knowledge_gateway
 
 C = "/v1/collections/uploads"
 FONT = "<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica >>"
@@ -113,21 +111,11 @@ def _upload(gw: Gateway, name: str, data: bytes) -> httpx.Response:
 @pytest.fixture(scope="module")
 def gw(tmp_path_factory):
     home = tmp_path_factory.mktemp("pdf-home")
-    # External mode at a closed port: no vLLM, so the process starts in seconds.
-    gateway = Gateway(home / "no-model", home, env={
-        "LORAG_ENGINE_URLS": f"http://127.0.0.1:{free_port()}",
+    gateway = knowledge_gateway(home, env={
         "LORAG_PDF_TIMEOUT_S": "10", "LORAG_PDF_MEMORY_MB": str(MEMORY_MB), "LORAG_PDF_MAX_PAGES": "1200",
         "LORAG_MAX_DOCUMENT_CHARS": "50000",
     }).start()
-    deadline = time.monotonic() + 120
-    while True:
-        assert gateway.proc.poll() is None, gateway.log_tail()
-        try:
-            if httpx.get(f"{gateway.url}/healthz", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            assert time.monotonic() < deadline, gateway.log_tail()
-            time.sleep(0.5)
+    gateway.wait_up()
     assert httpx.post(f"{gateway.url}/v1/collections", json={"name": "uploads"}).status_code == 201
     # One normal upload first, so the one-time allocations (embedder, stores) are behind us.
     assert _upload(gateway, "warm.pdf", pdf_bytes("Warm-up page.")).status_code == 201

@@ -25,6 +25,7 @@ from service.engine.launcher import free_port
 from tests.chroma import ChromaServer
 from tests.conftest import MODEL_NAME
 from tests.gateway import knowledge_gateway
+from tests.envelope import envelope_error as _error
 
 C = "/v1/collections/harbour"
 JSON = {"content-type": "application/json"}
@@ -43,13 +44,6 @@ def client(tmp_path_factory):
         assert c.post("/v1/collections", json={"name": "harbour"}).status_code == 201
         assert c.put(f"{C}/documents/keep", json={"text": "The harbour master keeps the tide tables."}).status_code == 201
         yield c
-
-
-def _error(response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    return error
 
 
 def _unchanged(client) -> None:

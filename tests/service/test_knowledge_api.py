@@ -11,6 +11,7 @@ from knowledge import KnowledgeSettings
 from service import Settings, create_app
 from service.engine.launcher import free_port
 from tests.documents import pdf_bytes
+from tests.envelope import envelope_error as _error
 
 C = "/v1/collections/harbour"
 
@@ -31,13 +32,6 @@ def client(request, tmp_path_factory):
     with TestClient(create_app(settings, knowledge)) as c:
         assert c.post("/v1/collections", json={"name": "harbour"}).status_code == 201
         yield c
-
-
-def _error(response, status: int) -> dict:
-    assert response.status_code == status, response.text
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    return error
 
 
 def _search(client, query: str, **kw) -> list[dict]:
