@@ -24,6 +24,7 @@ from service.chat.query_embedding import load_query_encoder
 from service.chat.retrieval import Retrieval, load_builder
 from service.chat.router import router as chat_router
 from service.chat.service import ChatService
+from service.engine.chat import EngineChat
 from service.engine.launcher import launch_spec
 from service.engine.lora import LoraEndpoints
 from service.engine.pool import EnginePool
@@ -46,7 +47,8 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # One pooled client for all engine traffic; per-request timeouts are set where requests are built.
+        # One pooled client for the engine's admin traffic (chat has its own: service.engine.chat);
+        # per-request timeouts are set where requests are built.
         http = httpx.AsyncClient(limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256))
         metrics = Metrics()
         registry = Registry(settings.home / "lorag.db", settings.adapters_path)
@@ -100,12 +102,14 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
         app.state.adapters = adapters
         app.state.metrics = metrics
         retrieval = Retrieval(kb, builder, settings, query_encoder)
-        app.state.chat = ChatService(settings, engines, catalog, adapters, http, retrieval, metrics)
+        engine_chat = EngineChat(settings.engine_timeout_s, on_unreachable=engines.mark_down)
+        app.state.chat = ChatService(settings, engines, catalog, adapters, engine_chat, retrieval, metrics)
         log.info("lorag serving model %r (%s engine)", catalog.base, "embedded" if settings.embedded else "external")
         try:
             yield
         finally:
             await retrieval.close()
+            await engine_chat.close()
             await adapters.close()
             await engines.stop()
             await http.aclose()

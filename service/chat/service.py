@@ -12,20 +12,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
-
 from service.chat.retrieval import Grounding, Retrieval
 from service.chat.schemas import ChatCompletionRequest
-from service.engine.pool import Engine, EnginePool
-from service.errors import (
-    EngineError,
-    EngineRejected,
-    EngineUnavailable,
-    LimitExceeded,
-    LoragError,
-    Overloaded,
-    envelope,
-)
+from service.engine.chat import EngineAnswer, EngineChat
+from service.engine.pool import EnginePool
+from service.errors import EngineError, LimitExceeded, LoragError, Overloaded, envelope
 from service.adapters.leases import Lease
 from service.adapters.service import AdapterService
 from service.metrics import Metrics
@@ -59,7 +50,7 @@ class ChatService:
         engines: EnginePool,
         catalog: ModelCatalog,
         adapters: AdapterService,
-        http: httpx.AsyncClient,
+        engine_chat: EngineChat,
         retrieval: Retrieval,
         metrics: Metrics,
     ):
@@ -67,7 +58,7 @@ class ChatService:
         self._engines = engines
         self._catalog = catalog
         self._adapters = adapters
-        self._http = http
+        self._engine_chat = engine_chat
         self._retrieval = retrieval
         self._metrics = metrics
         self._in_flight = 0  # admitted and not yet ended
@@ -184,18 +175,7 @@ class ChatService:
     async def complete(self, admission: Admission) -> dict[str, Any]:
         outcome, answer = "error", None
         try:
-            response = await self._send(admission, stream=False)
-            try:
-                await response.aread()
-            except httpx.HTTPError as exc:
-                raise EngineError(f"the engine broke off the response: {exc}") from exc
-            finally:
-                await response.aclose()
-            self._answered(admission)
-            try:
-                answer = response.json()
-            except ValueError as exc:
-                raise EngineError(f"the engine answered with something that is not JSON: {exc}") from exc
+            answer = await (await self._send(admission)).json()
             answer["model"] = admission.target.shown
             outcome = "ok"
         finally:
@@ -208,45 +188,26 @@ class ChatService:
     async def open_stream(self, admission: Admission) -> Relay:
         """Start the engine's stream; errors before the first byte still become a plain HTTP error."""
         try:
-            response = await self._send(admission, stream=True)
+            answer = await self._send(admission)
         except BaseException:
             self.end(admission, "error")
             raise
-        return Relay(self._relay(response, admission), response, lambda: self.end(admission, "cancelled"))
+        return Relay(self._relay(answer, admission), answer, lambda: self.end(admission, "cancelled"))
 
-    async def _send(self, admission: Admission, stream: bool) -> httpx.Response:
+    async def _send(self, admission: Admission) -> EngineAnswer:
         target = admission.target
         engine = self._engines.pick(target.served if target.version else None)
-        request = self._http.build_request(
-            "POST", f"{engine.url}/v1/chat/completions", json=admission.body, timeout=self._timeout()
-        )
         admission.waiting = True
         self._metrics.waiting.inc()
-        try:
-            response = await self._http.send(request, stream=True)
-        except httpx.ConnectError as exc:
-            self._engines.mark_down(engine)
-            raise EngineUnavailable(f"the engine is not reachable: {exc}") from exc
-        except httpx.TimeoutException as exc:
-            raise EngineError(f"the engine did not answer in time ({exc.__class__.__name__})") from exc
-        except httpx.TransportError as exc:  # the engine died between our request and its answer
-            raise EngineUnavailable(f"the engine dropped the request: {exc!r}") from exc
-        except Exception as exc:
-            # httpcore can fail outside its own error types when the engine's socket vanishes
-            # mid-request (seen: AttributeError on a closed socket); still the engine's failure.
-            log.exception("engine request failed")
-            raise EngineUnavailable(f"the engine dropped the request: {exc!r}") from exc
-        if response.status_code != 200:
-            await response.aread()
-            await response.aclose()
-            raise _engine_failure(engine, response)
-        return response
+        return await self._engine_chat.send(engine, admission.body)
 
-    async def _relay(self, response: httpx.Response, admission: Admission) -> AsyncGenerator[bytes, None]:
+    async def _relay(self, answer: EngineAnswer, admission: Admission) -> AsyncGenerator[bytes, None]:
         """Re-emit the engine's SSE events whole; a broken stream ends with an error event and [DONE].
 
         With retrieval, one more chunk (no choices; `citations` and `rag`) goes just before [DONE].
         The usage chunk (always asked for, for the metrics) is passed on only if the client asked.
+        Frames that arrive together leave together: one write to the client for each read from
+        the engine, whose cost (a system call and the ASGI send chain) is per write, not per byte.
         """
         grounding = admission.grounding
         target = admission.target
@@ -260,8 +221,9 @@ class ChatService:
         try:
             # Frames are split on the bytes b"\n\n", never with a text line reader: those also
             # break lines at U+2028, U+0085 and the like, which JSON leaves raw inside strings.
-            async for block in response.aiter_bytes():
+            async for block in answer.chunks():
                 *frames, pending = (pending + block).split(b"\n\n")
+                out = []
                 for frame in frames:
                     if not frame.strip():
                         continue
@@ -279,7 +241,10 @@ class ChatService:
                             continue
                     elif admission.waiting:
                         self._answered(admission, first_token=True)
-                    yield frame + b"\n\n"
+                    out.append(frame)
+                if out:
+                    out.append(b"")
+                    yield b"\n\n".join(out)
                 if done:
                     break
             if not done:
@@ -298,11 +263,8 @@ class ChatService:
         finally:
             # Also reached when the client goes away (the generator is closed): the version is released.
             self.end(admission, outcome, usage)
-            await response.aclose()
+            answer.close()
         yield _DONE
-
-    def _timeout(self) -> httpx.Timeout:
-        return httpx.Timeout(self._settings.engine_timeout_s, connect=5.0)
 
 
 class Relay:
@@ -310,9 +272,9 @@ class Relay:
     happened. A generator that never started runs no `finally`, so closing it alone would leave the
     version held and the engine generating for nobody."""
 
-    def __init__(self, frames: AsyncGenerator[bytes, None], response: httpx.Response, end: Callable[[], None]):
+    def __init__(self, frames: AsyncGenerator[bytes, None], answer: EngineAnswer, end: Callable[[], None]):
         self._frames = frames
-        self._response = response
+        self._answer = answer
         self._end = end
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -321,18 +283,4 @@ class Relay:
     async def close(self) -> None:
         await self._frames.aclose()
         self._end()  # a no-op when the relay already ended the request
-        await self._response.aclose()  # aborts the engine's request if it is still running
-
-
-def _engine_failure(engine: Engine, response: httpx.Response) -> LoragError:
-    """Turn an engine's error answer into our error: its 4xx pass through, its 5xx become 502."""
-    try:
-        payload = response.json()
-    except ValueError:
-        payload = {}
-    error = payload.get("error") if isinstance(payload.get("error"), dict) else payload
-    message = str(error.get("message") or response.text[:500] or "no message")
-    if 400 <= response.status_code < 500:
-        return EngineRejected(response.status_code, message, error.get("param"))
-    log.error("engine %s answered %d: %s", engine.name, response.status_code, message)
-    return EngineError(f"the engine failed ({response.status_code}): {message}")
+        self._answer.close()  # aborts the engine's request if it is still running
