@@ -1,5 +1,9 @@
 """Schemathesis fuzzes every operation of the gateway's OpenAPI schema: no input may earn a 5xx.
 
+A second pass takes the schema's valid bodies and makes each hostile in one place, the ways
+that once crashed the gateway or earned a 500: a lone surrogate, NaN/Infinity/1e400, an
+object of thousands of keys, a thousand levels of nesting, a body cut short.
+
 The schema and the requests go over HTTP to a real `lorag serve` (the app's heavy
 objects exist only after its lifespan ran). The gateway is this module's own, so
 fuzzed DELETEs and uploads cannot disturb the session's shared one.
@@ -26,6 +30,7 @@ from schemathesis import GenerationMode
 
 from service.auth.keys import SCOPES, KeyStore
 from tests.adapters import make_adapter, pack
+from tests.envelope import envelope_error
 from tests.conftest import LIMITS, MODEL_NAME
 from tests.gateway import Gateway
 
@@ -165,3 +170,108 @@ def test_no_input_earns_a_server_error(api_schema):
     # A fuzz that never got past auth, or never past the lookups, would pass while testing nothing.
     assert not refused, f"the all-scope key was refused on {sorted(refused)}"
     assert len(succeeded) >= len(operations) // 2, f"only these operations ever succeeded: {sorted(succeeded)}"
+
+
+# Hostile edits, each made at one node of an otherwise valid body (the whole body included).
+HOSTILE = ("surrogate", "non_standard_number", "wide_object", "deep_nesting", "truncated")
+HOSTILE_EXAMPLES = 6  # per operation and edit
+_MARK = "lorag-hostile-mark"
+_RAW = {
+    "non_standard_number": st.sampled_from(["NaN", "Infinity", "-Infinity", "1e400", "-1e400"]),
+    "wide_object": st.sampled_from([
+        "{" + ",".join(f'"k{i}":{i}' for i in range(12_000)) + "}",  # one object, the 1.0 segfault's size
+        "[" + ",".join(f'{{"k{i}":{{"$in":[1,2]}}}}' for i in range(2_000)) + "]",
+    ]),
+    "deep_nesting": st.sampled_from(["[" * 1000 + "]" * 1000, '{"a":' * 1000 + "0" + "}" * 1000]),
+}
+
+
+def _nodes(value: object, path: tuple = ()):
+    """Every node's path in a JSON value: keys and indices from the root, the root first."""
+    yield path
+    if isinstance(value, dict):
+        for key, item in value.items():
+            yield from _nodes(item, (*path, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _nodes(item, (*path, i))
+
+
+def _replaced(value: object, path: tuple, new: object) -> object:
+    if not path:
+        return new
+    copy = dict(value) if isinstance(value, dict) else list(value)
+    copy[path[0]] = _replaced(copy[path[0]], path[1:], new)
+    return copy
+
+
+def hostile_text(body: object, kind: str, data: st.DataObject) -> str:
+    """`body` as JSON text, with one hostile edit of `kind` at a node drawn from `data`."""
+    text = json.dumps(body)
+    if kind == "truncated":
+        return text[: data.draw(st.integers(0, max(len(text) - 1, 0)))]
+    path = data.draw(st.sampled_from(list(_nodes(body))))
+    if kind == "surrogate":  # json.dumps writes it as the escape "\ud800", as a hostile client would
+        node = body
+        for step in path:
+            node = node[step]
+        return json.dumps(_replaced(body, path, (node if isinstance(node, str) else "") + "\ud800"))
+    return json.dumps(_replaced(body, path, _MARK)).replace(json.dumps(_MARK), data.draw(_RAW[kind]), 1)
+
+
+def test_hostile_bodies_earn_a_4xx_never_a_5xx(fuzz_gateway, api_schema):
+    """Every operation with a JSON body (and each bulk line, and the upload's metadata part): a
+    valid body made hostile in one place is a 4xx in the envelope, and the gateway stays up."""
+    gw, headers, _ = fuzz_gateway
+    failures: dict[tuple[str, str], str] = {}
+    answered: set[str] = set()
+    client = httpx.Client(base_url=gw.url, headers=headers, timeout=120)
+
+    @settings(max_examples=HOSTILE_EXAMPLES, derandomize=True, database=None, deadline=None,
+              suppress_health_check=list(HealthCheck), phases=[Phase.generate])
+    @given(data=st.data())
+    def attack(operation, kind, data):
+        case = data.draw(operation.as_strategy(generation_mode=GenerationMode.POSITIVE))
+        url = case.formatted_path
+        if operation.path.endswith("/documents/bulk"):
+            line = data.draw(st.fixed_dictionaries({"id": st.text(min_size=1, max_size=12), "text": st.text(min_size=1)}))
+            good = json.dumps({"id": "fine", "text": "A line that is fine."})
+            sent = f"{good}\n{hostile_text(line, kind, data)}"
+            request = client.build_request("POST", url, params=case.query, content=sent,
+                                           headers={"content-type": "application/x-ndjson"})
+        elif operation.path.endswith("/files"):
+            sent = hostile_text({"source": "fuzz", "year": 2025}, kind, data)
+            request = client.build_request("POST", url, params=case.query, files={"file": ("a.txt", b"Some text.")},
+                                           data={"metadata": sent})
+        else:
+            sent = hostile_text(case.body, kind, data)
+            request = client.build_request(operation.method.upper(), url, params=case.query, content=sent,
+                                           headers={"content-type": "application/json"})
+        try:
+            response = client.send(request)
+        except httpx.TransportError as exc:  # the gateway broke the connection (or died): the worst answer
+            failures.setdefault((operation.label, kind), f"{request.method} {request.url} {sent[:300]!r}\n-> {exc!r}")
+            return
+        answered.add(operation.label)
+        if response.status_code >= 500 or (response.status_code >= 400 and not _is_envelope(response)):
+            failures.setdefault((operation.label, kind), f"{request.method} {request.url} "
+                                f"{sent[:300]!r}\n-> {response.status_code} {response.text[:300]}")
+
+    operations = [result.ok() for result in api_schema.get_all_operations()]
+    with_bodies = [op for op in operations if op.body and op.method.upper() != "DELETE"]
+    assert len(with_bodies) >= 6, [op.label for op in with_bodies]
+    for operation in with_bodies:
+        for kind in HOSTILE:
+            attack(operation, kind)
+    client.close()
+    assert not failures, "\n\n".join(f"{label} with {kind}:\n{repro}" for (label, kind), repro in failures.items())
+    assert answered == {op.label for op in with_bodies}
+    assert httpx.get(f"{gw.url}/healthz").status_code == 200, gw.log_tail()
+
+
+def _is_envelope(response: httpx.Response) -> bool:
+    try:
+        envelope_error(response, response.status_code)
+    except (AssertionError, ValueError, KeyError, TypeError):
+        return False
+    return True
