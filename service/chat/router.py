@@ -32,7 +32,11 @@ class RelayResponse(StreamingResponse):
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletion,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={
+        200: {"content": {"text/event-stream": {}}},
+        429: {"description": "Too many requests: `overloaded` (the engines' limit), `tenant_inflight_limit` or "
+              "`tenant_token_limit` (the tenant's fair share); retry after `Retry-After` seconds."},
+    },
 )
 async def create_chat_completion(
     request: ChatCompletionRequest, chat: Annotated[ChatService, Depends(get_chat)], tenant: Tenant, key: Caller
