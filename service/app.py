@@ -22,6 +22,7 @@ from service.drain import Drain, DrainGate
 from service.request_id import RequestId
 from service.chat.query_embedding import load_query_encoder
 from service.chat.retrieval import Retrieval, load_builder
+from service.chat.fair_share import FairShare
 from service.chat.router import router as chat_router
 from service.chat.service import ChatService
 from service.engine.chat import EngineChat
@@ -103,7 +104,10 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
         app.state.metrics = metrics
         retrieval = Retrieval(kb, builder, settings, query_encoder)
         engine_chat = EngineChat(settings.engine_timeout_s, on_unreachable=engines.mark_down)
-        app.state.chat = ChatService(settings, engines, catalog, adapters, engine_chat, retrieval, metrics)
+        app.state.fair_share = FairShare(settings, metrics)
+        app.state.chat = ChatService(
+            settings, engines, catalog, adapters, engine_chat, retrieval, metrics, app.state.fair_share
+        )
         log.info("lorag serving model %r (%s engine)", catalog.base, "embedded" if settings.embedded else "external")
         try:
             yield

@@ -63,7 +63,13 @@ def main(argv: list[str] | None = None) -> int:
     create = key_commands.add_parser("create", help="make a key; it is printed once and stored only hashed")
     create.add_argument("--tenant", required=True)
     create.add_argument("--scopes", required=True, help="comma-separated: chat,knowledge:read,knowledge:write,adapters:admin")
-    key_commands.add_parser("list", help="every key: id, tenant, scopes, created, revoked")
+    create.add_argument("--max-inflight", type=int, metavar="N",
+                        help="chat requests the tenant may have in flight when calling with this key, instead of "
+                        "LORAG_TENANT_MAX_INFLIGHT (0: no limit)")
+    create.add_argument("--tokens-per-minute", type=int, metavar="N",
+                        help="tokens the tenant may use per minute when calling with this key, instead of "
+                        "LORAG_TENANT_TOKENS_PER_MINUTE (0: no limit)")
+    key_commands.add_parser("list", help="every key: id, tenant, scopes, created, revoked, own limits")
     revoke = key_commands.add_parser("revoke", help="stop a key from working, at once")
     revoke.add_argument("id")
 
@@ -120,14 +126,17 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
     store = KeyStore(settings.home / "lorag.db")
     try:
         if args.keys_command == "create":
-            key, token = store.create(args.tenant, [s.strip() for s in args.scopes.split(",") if s.strip()])
+            key, token = store.create(args.tenant, [s.strip() for s in args.scopes.split(",") if s.strip()],
+                                      max_inflight=args.max_inflight, tokens_per_minute=args.tokens_per_minute)
             print(f"key {key.id} for tenant {key.tenant} ({', '.join(key.scopes)}); shown once, keep it now:")
             print(token)
         elif args.keys_command == "list":
             for key in store.keys():
                 created = datetime.fromtimestamp(key.created, UTC).strftime("%Y-%m-%d %H:%M")
                 state = "revoked" if key.revoked else "active"
-                print(f"{key.id}  {key.tenant:20} {','.join(key.scopes):50} {created}  {state}")
+                own = (("max_inflight", key.max_inflight), ("tokens_per_minute", key.tokens_per_minute))
+                limits = " ".join(f"{name}={value}" for name, value in own if value is not None)
+                print(f"{key.id}  {key.tenant:20} {','.join(key.scopes):50} {created}  {state}  {limits}".rstrip())
         else:
             store.revoke(args.id)
             print(f"revoked {args.id}")

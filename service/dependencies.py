@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from knowledge.documents import DEFAULT_TENANT
 
 from service.adapters.service import AdapterService
+from service.auth.keys import ApiKey
 from service.chat.service import ChatService
 from service.engine.pool import EnginePool
 from service.knowledge.service import KnowledgeService
@@ -40,11 +41,16 @@ def get_metrics(request: Request) -> Metrics:
     return request.app.state.metrics
 
 
-def get_tenant(request: Request) -> str:
+def get_api_key(request: Request) -> ApiKey | None:
+    """The caller's key, as the route's guard checked it; None when auth is off."""
+    return getattr(request.state, "api_key", None)
+
+
+def get_tenant(key: Annotated[ApiKey | None, Depends(get_api_key)]) -> str:
     """The caller's tenant: its key's, or the default tenant's when auth is off (loopback only).
     Every name a request carries (collection, adapter, model) is resolved inside it."""
-    key = getattr(request.state, "api_key", None)
     return key.tenant if key is not None else DEFAULT_TENANT
 
 
+Caller = Annotated[ApiKey | None, Depends(get_api_key)]
 Tenant = Annotated[str, Depends(get_tenant)]

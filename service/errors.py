@@ -96,6 +96,18 @@ class Overloaded(LoragError):
         super().__init__(message, code="overloaded")
 
 
+class TenantLimited(LoragError):
+    """The caller's tenant has as many requests in flight, or has used as many tokens this minute,
+    as its share allows (`code`: tenant_inflight_limit, tenant_token_limit)."""
+
+    status_code = 429
+    type = "rate_limit_error"
+
+    def __init__(self, message: str, *, code: str, retry_after: int):
+        super().__init__(message, code=code)
+        self.retry_after = retry_after
+
+
 class EngineUnavailable(LoragError):
     status_code = 503
     type = "engine_unavailable"

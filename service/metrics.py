@@ -54,6 +54,14 @@ class Metrics:
             "lorag_chat_waiting", "Queue depth: chat requests sent to an engine that has not answered yet.",
             registry=self.registry,
         )
+        self.tenant_in_flight = Gauge(
+            "lorag_tenant_in_flight", "Chat requests admitted and not yet finished, by tenant.", ("tenant",),
+            registry=self.registry,
+        )
+        self.tenant_refused = Counter(
+            "lorag_tenant_refused", "Chat requests refused for the tenant's fair share; reason is inflight or tokens.",
+            ("tenant", "reason"), registry=self.registry,
+        )
         self.adapter_load = Histogram(
             "lorag_adapter_load_seconds", "Time for one engine to load an adapter version.", labels,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=self.registry,

@@ -112,6 +112,17 @@ class Settings(BaseSettings):
     max_inflight_per_engine: int = Field(
         64, ge=1, description="Chat requests in flight per engine that is up; beyond, 429 with Retry-After."
     )
+    # Fair share: 0 by default, because with one tenant (auth off) any limit below the engines'
+    # only idles capacity; set them when several tenants share the engines.
+    tenant_max_inflight: int = Field(
+        0, ge=0, description="Chat requests one tenant may have in flight (0: no limit but the engines'); "
+        "beyond, 429 tenant_inflight_limit with Retry-After. A key's own limit replaces it.",
+    )
+    tenant_tokens_per_minute: int = Field(
+        0, ge=0, description="Tokens (prompt + completion) one tenant may use in any 60 s (0: no limit); once "
+        "used, 429 tenant_token_limit with Retry-After until enough of them are a minute old. A key's own limit "
+        "replaces it.",
+    )
 
     # Retrieval in chat
     rag_collection: str | None = Field(

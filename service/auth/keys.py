@@ -31,6 +31,9 @@ CREATE TABLE IF NOT EXISTS api_keys (
     revoked REAL
 );
 """
+# Columns added after the table first shipped: an older database gets them when it is opened.
+# NULL: the setting applies (see service/chat/fair_share.py).
+_ADDED_COLUMNS = {"max_inflight": "INTEGER", "tokens_per_minute": "INTEGER"}
 
 
 class KeyRefused(ValueError):
@@ -44,6 +47,9 @@ class ApiKey:
     scopes: tuple[str, ...]
     created: float
     revoked: float | None = None
+    # Fair-share limits of this key's own, replacing the settings' (0: none); None: the settings'.
+    max_inflight: int | None = None
+    tokens_per_minute: int | None = None
 
 
 class KeyStore:
@@ -52,28 +58,47 @@ class KeyStore:
         self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.executescript(_SCHEMA)
+        self._add_columns()
+
+    def _add_columns(self) -> None:
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(api_keys)")}
+        for column, kind in _ADDED_COLUMNS.items():
+            if column not in have:
+                try:
+                    self._db.execute(f"ALTER TABLE api_keys ADD COLUMN {column} {kind}")
+                except sqlite3.OperationalError as exc:  # another process (the CLI, the server) added it first
+                    if "duplicate column" not in str(exc):
+                        raise
 
     def close(self) -> None:
         self._db.close()
 
-    def create(self, tenant: str, scopes: list[str]) -> tuple[ApiKey, str]:
+    def create(
+        self, tenant: str, scopes: list[str], *, max_inflight: int | None = None, tokens_per_minute: int | None = None
+    ) -> tuple[ApiKey, str]:
         """A new key and its token; the token is shown once and never stored."""
         if not TENANT.fullmatch(tenant):
             raise KeyRefused(f"tenant {tenant!r} is not valid: 1-63 lowercase letters, digits, '_' or '-'")
         unknown = sorted(set(scopes) - set(SCOPES))
         if unknown or not scopes:
             raise KeyRefused(f"unknown or no scopes {unknown}; choose from {', '.join(SCOPES)}")
+        for name, limit in (("max_inflight", max_inflight), ("tokens_per_minute", tokens_per_minute)):
+            if limit is not None and limit < 0:
+                raise KeyRefused(f"{name} must be 0 (no limit) or more, not {limit}")
         key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
-        key = ApiKey(key_id, tenant, tuple(sorted(set(scopes))), time.time())
+        key = ApiKey(key_id, tenant, tuple(sorted(set(scopes))), time.time(), None, max_inflight, tokens_per_minute)
         self._db.execute(
-            "INSERT INTO api_keys (id, tenant, scopes, secret_sha256, created) VALUES (?, ?, ?, ?, ?)",
-            (key.id, tenant, json.dumps(key.scopes), _digest(secret), key.created),
+            "INSERT INTO api_keys (id, tenant, scopes, secret_sha256, created, max_inflight, tokens_per_minute) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key.id, tenant, json.dumps(key.scopes), _digest(secret), key.created, max_inflight, tokens_per_minute),
         )
         return key, f"lorag_{key_id}_{secret}"
 
     def keys(self) -> list[ApiKey]:
-        rows = self._db.execute("SELECT id, tenant, scopes, created, revoked FROM api_keys ORDER BY created")
-        return [ApiKey(i, t, tuple(json.loads(s)), c, r) for i, t, s, c, r in rows]
+        rows = self._db.execute(
+            "SELECT id, tenant, scopes, created, revoked, max_inflight, tokens_per_minute FROM api_keys ORDER BY created"
+        )
+        return [ApiKey(i, t, tuple(json.loads(s)), c, r, m, k) for i, t, s, c, r, m, k in rows]
 
     def revoke(self, key_id: str) -> None:
         changed = self._db.execute(
@@ -88,11 +113,12 @@ class KeyStore:
         if match is None:
             return None
         row = self._db.execute(
-            "SELECT tenant, scopes, secret_sha256, created, revoked FROM api_keys WHERE id = ?", (match[1],)
+            "SELECT tenant, scopes, secret_sha256, created, revoked, max_inflight, tokens_per_minute "
+            "FROM api_keys WHERE id = ?", (match[1],)
         ).fetchone()
         if row is None or row[4] is not None or not hmac.compare_digest(row[2], _digest(match[2])):
             return None
-        return ApiKey(match[1], row[0], tuple(json.loads(row[1])), row[3])
+        return ApiKey(match[1], row[0], tuple(json.loads(row[1])), row[3], None, row[5], row[6])
 
 
 def _digest(secret: str) -> str:

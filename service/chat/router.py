@@ -8,7 +8,7 @@ from starlette.types import Receive, Scope, Send
 
 from service.chat.schemas import ChatCompletion, ChatCompletionRequest
 from service.chat.service import ChatService, Relay
-from service.dependencies import Tenant, get_chat
+from service.dependencies import Caller, Tenant, get_chat
 from service.json_body import JsonRoute
 
 router = APIRouter(tags=["chat"], route_class=JsonRoute)
@@ -32,13 +32,17 @@ class RelayResponse(StreamingResponse):
 @router.post(
     "/v1/chat/completions",
     response_model=ChatCompletion,
-    responses={200: {"content": {"text/event-stream": {}}}},
+    responses={
+        200: {"content": {"text/event-stream": {}}},
+        429: {"description": "Too many requests: `overloaded` (the engines' limit), `tenant_inflight_limit` or "
+              "`tenant_token_limit` (the tenant's fair share); retry after `Retry-After` seconds."},
+    },
 )
 async def create_chat_completion(
-    request: ChatCompletionRequest, chat: Annotated[ChatService, Depends(get_chat)], tenant: Tenant
+    request: ChatCompletionRequest, chat: Annotated[ChatService, Depends(get_chat)], tenant: Tenant, key: Caller
 ) -> JSONResponse | StreamingResponse:
     """Create a chat completion (OpenAI-compatible); `stream: true` answers with server-sent events."""
-    admission = await chat.admit(request, tenant)
+    admission = await chat.admit(request, tenant, key)
     if request.stream:
         return RelayResponse(await chat.open_stream(admission))
     return JSONResponse(await chat.complete(admission))

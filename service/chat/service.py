@@ -12,6 +12,8 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from service.auth.keys import ApiKey
+from service.chat.fair_share import FairShare, Slot
 from service.chat.retrieval import Grounding, Retrieval
 from service.chat.schemas import ChatCompletionRequest
 from service.engine.chat import EngineAnswer, EngineChat
@@ -35,11 +37,13 @@ class Admission:
 
     target: Target
     lease: Lease | None
+    slot: Slot  # the tenant's fair share, released with the tokens used when the request ends
     body: dict[str, Any]
     started: float
     wants_usage: bool = False  # the client asked for the usage chunk in its stream
     grounding: Grounding | None = None
     waiting: bool = False  # sent to an engine that has not answered yet (the queue-depth gauge)
+    streamed: int = 0  # stream frames relayed, about a token each: the charge when no usage arrives
     ended: bool = False
 
 
@@ -53,6 +57,7 @@ class ChatService:
         engine_chat: EngineChat,
         retrieval: Retrieval,
         metrics: Metrics,
+        fair_share: FairShare,
     ):
         self._settings = settings
         self._engines = engines
@@ -61,6 +66,7 @@ class ChatService:
         self._engine_chat = engine_chat
         self._retrieval = retrieval
         self._metrics = metrics
+        self._fair_share = fair_share
         self._in_flight = 0  # admitted and not yet ended
         # Per instance: a salt nobody outside this process can compute (vLLM's advice), the same for
         # a tenant's requests while it runs, so a tenant still hits its own cached prefixes.
@@ -70,9 +76,9 @@ class ChatService:
         """The tenant's vLLM `cache_salt`: hex (vLLM refuses `/` and `@`), 64 characters (its limit: 128)."""
         return hmac.new(self._salt_key, tenant.encode(), hashlib.sha256).hexdigest()
 
-    async def admit(self, request: ChatCompletionRequest, tenant: str) -> Admission:
-        """Check the limits, resolve (in the caller's tenant) and hold the model's version, retrieve
-        if asked, build the engine's body."""
+    async def admit(self, request: ChatCompletionRequest, tenant: str, key: ApiKey | None = None) -> Admission:
+        """Check the limits (the tenant's share: its key's or the settings'), resolve (in the caller's
+        tenant) and hold the model's version, retrieve if asked, build the engine's body."""
         self._check_limits(request)
         s = self._settings
         # Only declared fields exist (the schema forbids others); a null means the engine's default.
@@ -88,16 +94,19 @@ class ChatService:
         body["cache_salt"] = self._salt(tenant)
         # Resolved once, here: the request keeps this version to its end, whatever is activated meanwhile.
         target = self._catalog.resolve(tenant, request.model)
+        # The tenant's share first: a tenant at its own limit is told so, whatever the engines' load.
+        slot = self._fair_share.take(tenant, key)
         # vLLM queues without bound; past this many, a quick 429 beats a slow timeout.
         capacity = s.max_inflight_per_engine * max(1, len(self._engines.up()))
         if self._in_flight >= capacity:
+            slot.release(0)
             raise Overloaded(
                 f"{self._in_flight} requests are in flight, the most the engines take "
                 f"({s.max_inflight_per_engine} per engine, LORAG_MAX_INFLIGHT_PER_ENGINE); retry after a second"
             )
         self._in_flight += 1
         self._metrics.in_flight.inc()
-        admission = Admission(target, self._adapters.hold(target), body, time.perf_counter())
+        admission = Admission(target, self._adapters.hold(target), slot, body, time.perf_counter())
         try:
             await self._adapters.ensure_loaded(target)
             body["model"] = target.served
@@ -132,10 +141,14 @@ class ChatService:
         labels = admission.target.labels
         self._metrics.requests.labels(*labels, outcome).inc()
         self._metrics.latency.labels(*labels).observe(time.perf_counter() - admission.started)
+        used = None
         for kind in ("prompt", "completion"):
             count = (usage or {}).get(f"{kind}_tokens")
             if isinstance(count, int):
                 self._metrics.tokens.labels(*labels, kind).inc(count)
+                used = (used or 0) + count
+        # Without the engine's usage (the client left, the stream broke): what was streamed.
+        admission.slot.release(admission.streamed if used is None else used)
 
     def _answered(self, admission: Admission, first_token: bool = False) -> None:
         """The engine's first answer arrived (or the request ended without one)."""
@@ -243,6 +256,7 @@ class ChatService:
                         self._answered(admission, first_token=True)
                     out.append(frame)
                 if out:
+                    admission.streamed += len(out)
                     out.append(b"")
                     yield b"\n\n".join(out)
                 if done:

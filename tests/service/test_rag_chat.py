@@ -15,6 +15,7 @@ from transformers import AutoTokenizer
 
 from tests.adapters import make_adapter, pack
 from tests.conftest import MODEL_NAME
+from tests.metrics import sample
 from tests.sse import sse_payloads
 
 
@@ -250,14 +251,6 @@ def test_an_adapter_declares_the_collection_and_settings_it_serves_with(gateway,
         assert httpx.delete(f"{gateway.url}/v1/adapters/clerk").status_code == 200
 
 
-def _samples(metrics: str, name: str, **labels: str) -> float:
-    """The value of the one sample of `name` whose labels include `labels`."""
-    for line in metrics.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            return float(line.rsplit(" ", 1)[1])
-    raise AssertionError(f"no {name} with {labels} in /metrics")
-
-
 def test_metrics_count_first_tokens_retrieval_stages_and_engines(gateway, kb):
     def scrape() -> str:
         return httpx.get(f"{gateway.url}/metrics").text
@@ -265,10 +258,10 @@ def test_metrics_count_first_tokens_retrieval_stages_and_engines(gateway, kb):
     kb("facts", "tram", "The harbour tram runs every 12 minutes.")
     stage_names = ("embed", "search", "prompt")
     before = scrape()
-    first = {s: _samples(before, "lorag_retrieval_seconds_count", stage=s, tenant="default") if
-             f'stage="{s}"' in before else 0.0 for s in stage_names}
-    ttft = (_samples(before, "lorag_chat_time_to_first_token_seconds_count", tenant="default", version="base")
-            if "lorag_chat_time_to_first_token_seconds_count{" in before else 0.0)
+    first = {s: sample(before, "lorag_retrieval_seconds_count", stage=s, tenant="default", missing=0.0)
+             for s in stage_names}
+    ttft = sample(before, "lorag_chat_time_to_first_token_seconds_count", tenant="default", version="base",
+                  missing=0.0)
     body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "How often does the tram run?"}],
             "max_tokens": 4, "stream": True, "rag": {"collection": "facts"}}
     with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60) as response:
@@ -276,7 +269,7 @@ def test_metrics_count_first_tokens_retrieval_stages_and_engines(gateway, kb):
         assert sse_payloads(response.read().decode())[-1] == "[DONE]"
     after = scrape()
     for stage in stage_names:
-        assert _samples(after, "lorag_retrieval_seconds_count", stage=stage, tenant="default") == first[stage] + 1
-    assert _samples(after, "lorag_chat_time_to_first_token_seconds_count", tenant="default", version="base") == ttft + 1
+        assert sample(after, "lorag_retrieval_seconds_count", stage=stage, tenant="default") == first[stage] + 1
+    assert sample(after, "lorag_chat_time_to_first_token_seconds_count", tenant="default", version="base") == ttft + 1
     assert "lorag_chat_waiting 0.0" in after  # nothing left queued once the stream ended
-    assert _samples(after, "lorag_engine_up", engine="engine-0") == 1.0
+    assert sample(after, "lorag_engine_up", engine="engine-0") == 1.0
