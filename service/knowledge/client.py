@@ -80,6 +80,8 @@ class DocsClient:
         outcomes = []
         for start in range(0, len(lines), _BULK_BATCH):
             batch = lines[start:start + _BULK_BATCH]
+            if not any(line.strip() for line in batch):  # e.g. the "" after a final newline: nothing to send
+                continue
             try:
                 response = self._http.post(
                     f"/v1/collections/{self._collection}/documents/bulk",

@@ -143,3 +143,18 @@ def test_docs_cli_says_when_the_service_is_unreachable(tmp_path):
     )
     assert result.returncode == 2
     assert "cannot reach" in result.stderr
+
+
+def test_docs_push_of_json_lines_ending_on_a_batch_boundary(gateway, tmp_path):
+    # 100 lines (one bulk request's worth) and the final newline: nothing is left for a second request.
+    lines = [json.dumps({"id": f"tide-{i}", "text": f"High water at berth {i} is at {i % 12} o'clock."})
+             for i in range(100)]
+    (tmp_path / "tides.jsonl").write_text("\n".join(lines) + "\n")
+    pushed = subprocess.run(
+        [sys.executable, "-m", "service.cli", "docs", "--url", gateway.url, "push", str(tmp_path / "tides.jsonl"),
+         "--collection", "tides"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert pushed.returncode == 0, pushed.stdout + pushed.stderr
+    assert "100 created, 0 updated, 0 unchanged, 0 failed" in pushed.stdout, pushed.stdout
+    assert httpx.delete(f"{gateway.url}/v1/collections/tides").status_code == 200
