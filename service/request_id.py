@@ -16,6 +16,12 @@ _current: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", def
 _ACCEPTED = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
+def current_request_id() -> str:
+    """The id of the request being handled ("-" outside one): sent on to the engine, which names
+    its own request after it (vLLM's answer id is "chatcmpl-<id>")."""
+    return _current.get()
+
+
 class RequestId:
     def __init__(self, app: ASGIApp):
         self.app = app

@@ -1,13 +1,14 @@
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated
 
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from service.chat.schemas import ChatCompletion, ChatCompletionRequest
-from service.chat.service import ChatService, Relay
+from service.chat.service import Admission, ChatService, Relay
 from service.dependencies import Caller, Tenant, get_chat
 from service.json_body import JsonRoute
 
@@ -39,10 +40,35 @@ class RelayResponse(StreamingResponse):
     },
 )
 async def create_chat_completion(
-    request: ChatCompletionRequest, chat: Annotated[ChatService, Depends(get_chat)], tenant: Tenant, key: Caller
-) -> JSONResponse | StreamingResponse:
+    request: ChatCompletionRequest,
+    chat: Annotated[ChatService, Depends(get_chat)],
+    tenant: Tenant,
+    key: Caller,
+    http: Request,
+) -> Response:
     """Create a chat completion (OpenAI-compatible); `stream: true` answers with server-sent events."""
     admission = await chat.admit(request, tenant, key)
     if request.stream:
         return RelayResponse(await chat.open_stream(admission))
-    return JSONResponse(await chat.complete(admission))
+    answer = await _complete_while_connected(chat, admission, http)
+    return JSONResponse(answer) if answer is not None else Response(status_code=499)  # 499: nobody reads it
+
+
+async def _complete_while_connected(chat: ChatService, admission: Admission, http: Request) -> dict | None:
+    """The answer, or None if the client left first: then the engine request is cancelled, its
+    connection closed, and vLLM aborts the generation instead of finishing it for nobody."""
+    answer = asyncio.ensure_future(chat.complete(admission))
+    gone = asyncio.ensure_future(_disconnect(http))
+    try:
+        await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        answer.cancel()  # a no-op once it has finished
+        await asyncio.wait((answer,))  # its cleanup runs: the request ended, the engine connection closed
+    return None if answer.cancelled() else answer.result()  # result() raises the request's own error
+
+
+async def _disconnect(http: Request) -> None:
+    """Return once the client has gone. The body has been read: what the server sends next is the disconnect."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass

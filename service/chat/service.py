@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -23,6 +24,7 @@ from service.adapters.leases import Lease
 from service.adapters.service import AdapterService
 from service.metrics import Metrics
 from service.models.catalog import ModelCatalog, Target
+from service.request_id import current_request_id
 from service.settings import Settings
 
 log = logging.getLogger("lorag.chat")
@@ -191,6 +193,9 @@ class ChatService:
             answer = await (await self._send(admission)).json()
             answer["model"] = admission.target.shown
             outcome = "ok"
+        except asyncio.CancelledError:  # the client went away (chat router): the engine request is closed
+            outcome = "cancelled"
+            raise
         finally:
             self.end(admission, outcome, answer.get("usage") if answer else None)
         if admission.grounding is not None:
@@ -212,7 +217,8 @@ class ChatService:
         engine = self._engines.pick(target.served if target.version else None)
         admission.waiting = True
         self._metrics.waiting.inc()
-        return await self._engine_chat.send(engine, admission.body)
+        # One id from the client to the engine's log: vLLM names its request after it.
+        return await self._engine_chat.send(engine, admission.body, headers={"X-Request-Id": current_request_id()})
 
     async def _relay(self, answer: EngineAnswer, admission: Admission) -> AsyncGenerator[bytes, None]:
         """Re-emit the engine's SSE events whole; a broken stream ends with an error event and [DONE].

@@ -7,6 +7,7 @@ import concurrent.futures
 import json
 import os
 import signal
+import socket
 import time
 
 import httpx
@@ -15,6 +16,7 @@ import psutil
 import pytest
 
 from tests.conftest import LIMITS, MODEL_NAME
+from tests.metrics import sample
 from tests.sse import sse_payloads
 
 # The tiny model's weights are random: ignore_eos (a vLLM extension the gateway
@@ -169,22 +171,53 @@ def test_limits_are_enforced_before_the_engine_sees_the_request(gateway):
     assert engine_requests() == before + 1
 
 
-def test_a_client_that_leaves_mid_stream_aborts_the_engine_request(gateway):
-    def engine(name: str) -> float:
-        metrics = httpx.get(f"{gateway.engine_url()}/metrics").text
-        return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith(name + "{"))
+def engine_metric(gateway, name: str) -> float:
+    """A metric of the session's engine (vLLM's own /metrics)."""
+    return sample(httpx.get(f"{gateway.engine_url()}/metrics").text, name)
 
-    generated = engine("vllm:generation_tokens_total")
+
+def wait_engine_idle(gateway) -> None:
+    deadline = time.monotonic() + 60
+    while engine_metric(gateway, "vllm:num_requests_running") > 0:  # ended: aborted, or ran to its max_tokens
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+def test_a_client_that_leaves_mid_stream_aborts_the_engine_request(gateway):
+    generated = engine_metric(gateway, "vllm:generation_tokens_total")
     body = {**ASK, "max_tokens": 500, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{gateway.url}/v1/chat/completions", json=body, timeout=60) as response:
         assert response.status_code == 200
         next(response.iter_bytes())  # generating; then the client goes away
-    deadline = time.monotonic() + 60
-    while engine("vllm:num_requests_running") > 0:  # ended: aborted, or (the failure) ran to 500 tokens
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
+    wait_engine_idle(gateway)
     # ignore_eos: only an abort ends it before its 500 tokens.
-    assert engine("vllm:generation_tokens_total") - generated < 500
+    assert engine_metric(gateway, "vllm:generation_tokens_total") - generated < 500
+
+
+def test_a_client_that_leaves_before_a_non_streamed_answer_aborts_the_engine_request(gateway):
+    generated = engine_metric(gateway, "vllm:generation_tokens_total")
+    body = json.dumps({**ASK, "max_tokens": 500, "ignore_eos": True}).encode()
+    with socket.create_connection(("127.0.0.1", gateway.port)) as client:
+        client.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: lorag\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        deadline = time.monotonic() + 60
+        while engine_metric(gateway, "vllm:num_requests_running") < 1:  # generating; then the client goes away
+            assert time.monotonic() < deadline, "the request never reached the engine"
+    wait_engine_idle(gateway)
+    assert engine_metric(gateway, "vllm:generation_tokens_total") - generated < 500
+
+
+def test_the_request_id_names_the_engine_request(gateway):
+    given = httpx.post(f"{gateway.url}/v1/chat/completions", json={**ASK, "max_tokens": 2},
+                       headers={"X-Request-ID": "trace-chat-7"})
+    assert given.status_code == 200, given.text
+    assert given.json()["id"] == "chatcmpl-trace-chat-7"
+    made = httpx.post(f"{gateway.url}/v1/chat/completions", json={**ASK, "max_tokens": 2})
+    assert made.json()["id"] == f"chatcmpl-{made.headers['x-request-id']}"
+    streamed = httpx.post(f"{gateway.url}/v1/chat/completions", json={**ASK, "max_tokens": 2, "stream": True},
+                          headers={"X-Request-ID": "trace-chat-8"})
+    chunks = [p for p in sse_payloads(streamed.text) if isinstance(p, dict)]
+    assert chunks and {c["id"] for c in chunks} == {"chatcmpl-trace-chat-8"}
 
 
 def test_invalid_json_is_a_400(gateway):
