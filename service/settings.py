@@ -109,6 +109,10 @@ class Settings(BaseSettings):
     max_message_chars: int = Field(32_000, ge=1, description="Most characters in one message's content.")
     max_tokens: int = Field(1024, ge=1, description="Most output tokens one request may ask for (also the default).")
     max_n: int = Field(4, ge=1, description="Most choices (`n`) one request may ask for.")
+    knowledge_workers: int = Field(
+        4, ge=1, description="Knowledge API calls (ingest, reads, search) running at once, each in a worker thread; "
+        "more wait their turn, so a burst of uploads cannot take the threads that chat and key checks need.",
+    )
     max_inflight_per_engine: int = Field(
         64, ge=1, description="Chat requests in flight per engine that is up; beyond, 429 with Retry-After."
     )

@@ -1,15 +1,17 @@
-"""The knowledge API's logic: runs the (blocking) knowledge base off the event loop and shapes its results.
+"""The knowledge API's logic: runs the (blocking) knowledge base off the event loop, in a pool of
+its own, and shapes its results.
 
 Every call names the caller's tenant: collection names resolve inside it, nowhere else.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
-from anyio import to_thread
+from anyio import CapacityLimiter, to_thread
 
 from knowledge import KnowledgeBase
 from knowledge.documents import DocumentInput
@@ -18,39 +20,60 @@ from service.errors import InvalidRequest, LimitExceeded
 from service.json_body import MalformedJson, parse_json
 from service.settings import Settings
 
+T = TypeVar("T")
+
 
 class KnowledgeService:
     def __init__(self, kb: KnowledgeBase, settings: Settings):
         self._kb = kb
         self._settings = settings
+        # Its own bound on threads: a burst of large ingests queues here instead of taking the
+        # default pool's threads, which chat (query embedding) and key checks need.
+        self._pool = CapacityLimiter(settings.knowledge_workers)
+
+    async def _run(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking knowledge call in the knowledge pool."""
+        return await to_thread.run_sync(partial(call, *args, **kwargs), limiter=self._pool)
 
     async def create_collection(self, name: str, metadata: dict, *, tenant: str) -> dict:
-        return asdict(await to_thread.run_sync(partial(self._kb.create_collection, name, metadata, tenant=tenant)))
+        return asdict(await self._run(self._kb.create_collection, name, metadata, tenant=tenant))
 
     async def list_collections(self, *, tenant: str) -> list[dict]:
-        return [asdict(c) for c in await to_thread.run_sync(partial(self._kb.list_collections, tenant=tenant))]
+        return [asdict(c) for c in await self._run(self._kb.list_collections, tenant=tenant)]
 
     async def get_collection(self, name: str, *, tenant: str) -> dict:
-        return asdict(await to_thread.run_sync(partial(self._kb.get_collection, name, tenant=tenant)))
+        return asdict(await self._run(self._kb.get_collection, name, tenant=tenant))
 
     async def delete_collection(self, name: str, *, tenant: str) -> None:
-        await to_thread.run_sync(partial(self._kb.delete_collection, name, tenant=tenant))
+        await self._run(self._kb.delete_collection, name, tenant=tenant)
 
     async def put_document(self, collection: str, doc_id: str, text: str, metadata: dict, *, tenant: str) -> dict:
-        return asdict(
-            await to_thread.run_sync(partial(self._kb.put_document, collection, doc_id, text, metadata, tenant=tenant))
-        )
+        return asdict(await self._run(self._kb.put_document, collection, doc_id, text, metadata, tenant=tenant))
 
     async def put_file(
         self, collection: str, filename: str, data: bytes, doc_id: str | None, metadata: str | None, *, tenant: str
     ) -> dict:
         """Extract the file's text and write it as a document (its id defaults to the file name)."""
         meta = _metadata_form(metadata)
-        text = await to_thread.run_sync(self._kb.extract_text, filename, data)
+        text = await self._run(self._kb.extract_text, filename, data)
         return await self.put_document(collection, doc_id or filename, text, meta, tenant=tenant)
 
     async def put_bulk(self, collection: str, body: bytes, *, tenant: str) -> dict:
         """Write JSON lines {"id", "text", "metadata"?}; a bad line fails alone and names its line number."""
+        items, results = await self._run(self._parse_bulk, body)  # megabytes of JSON: not on the event loop
+        inputs = [DocumentInput(i["id"], i["text"], i.get("metadata")) for _, i in items]
+        written = await self._run(self._kb.put_documents, collection, inputs, tenant=tenant)
+        for (n, item), outcome in zip(items, written):
+            if isinstance(outcome, Exception):
+                results.append({"line": n, "doc_id": item["id"], "status": "failed", "error": str(outcome)})
+            else:
+                results.append({"line": n, **asdict(outcome)})
+        results.sort(key=lambda r: r["line"])
+        summary = {s: sum(r["status"] == s for r in results) for s in ("created", "updated", "unchanged", "failed")}
+        return {"results": results, "summary": summary}
+
+    def _parse_bulk(self, body: bytes) -> tuple[list[tuple[int, dict]], list[dict]]:
+        """(line number, item) for each good line, and a failed result for each bad one."""
         items, results = [], []
         try:
             text = body.decode("utf-8")
@@ -70,39 +93,26 @@ class KnowledgeService:
             )
         for n, line in lines:
             try:
-                item = _bulk_item(line)
+                items.append((n, _bulk_item(line)))
             except InvalidDocument as exc:
                 results.append({"line": n, "status": "failed", "error": str(exc)})
-                continue
-            items.append((n, item))
-        inputs = [DocumentInput(i["id"], i["text"], i.get("metadata")) for _, i in items]
-        written = await to_thread.run_sync(partial(self._kb.put_documents, collection, inputs, tenant=tenant))
-        for (n, item), outcome in zip(items, written):
-            if isinstance(outcome, Exception):
-                results.append({"line": n, "doc_id": item["id"], "status": "failed", "error": str(outcome)})
-            else:
-                results.append({"line": n, **asdict(outcome)})
-        results.sort(key=lambda r: r["line"])
-        summary = {s: sum(r["status"] == s for r in results) for s in ("created", "updated", "unchanged", "failed")}
-        return {"results": results, "summary": summary}
+        return items, results
 
     async def get_document(self, collection: str, doc_id: str, *, tenant: str) -> dict:
-        return asdict(await to_thread.run_sync(partial(self._kb.get_document, collection, doc_id, tenant=tenant)))
+        return asdict(await self._run(self._kb.get_document, collection, doc_id, tenant=tenant))
 
     async def delete_document(self, collection: str, doc_id: str, *, tenant: str) -> None:
-        await to_thread.run_sync(partial(self._kb.delete_document, collection, doc_id, tenant=tenant))
+        await self._run(self._kb.delete_document, collection, doc_id, tenant=tenant)
 
     async def list_documents(self, collection: str, limit: int, after: str | None, *, tenant: str) -> dict:
-        items, cursor = await to_thread.run_sync(
-            partial(self._kb.list_documents, collection, limit, after, tenant=tenant)
-        )
+        items, cursor = await self._run(self._kb.list_documents, collection, limit, after, tenant=tenant)
         return {"data": [asdict(d) for d in items], "next": cursor}
 
     async def search(
         self, collection: str, query: str, top_k: int, mode: str, filter_: dict | None, *, tenant: str
     ) -> dict:
-        result = await to_thread.run_sync(
-            partial(self._kb.search, collection, query, top_k=top_k, mode=mode, filter=filter_, tenant=tenant)
+        result = await self._run(
+            self._kb.search, collection, query, top_k=top_k, mode=mode, filter=filter_, tenant=tenant
         )
         return {"data": [asdict(h) for h in result.hits], "timings_ms": asdict(result.timings)}
 

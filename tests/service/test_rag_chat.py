@@ -7,6 +7,9 @@ token ids), decoded with the served model's tokenizer.
 from __future__ import annotations
 
 import json
+import select
+import socket
+import sqlite3
 
 import httpx
 import openai
@@ -40,12 +43,12 @@ def tokenizer(tiny_model):
     return AutoTokenizer.from_pretrained(tiny_model)
 
 
-def ask(gateway, question: str, rag: dict | None, **extra) -> httpx.Response:
+def ask(gateway, question: str, rag: dict | None, timeout: float = 60, **extra) -> httpx.Response:
     body = {"model": MODEL_NAME, "messages": [{"role": "user", "content": question}], "max_tokens": 4,
             "return_token_ids": True, **extra}
     if rag is not None:
         body["rag"] = rag
-    return httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60)
+    return httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=timeout)
 
 
 def prompt_seen_by_vllm(response: httpx.Response, tokenizer) -> str:
@@ -273,3 +276,41 @@ def test_metrics_count_first_tokens_retrieval_stages_and_engines(gateway, kb):
     assert sample(after, "lorag_chat_time_to_first_token_seconds_count", tenant="default", version="base") == ttft + 1
     assert "lorag_chat_waiting 0.0" in after  # nothing left queued once the stream ended
     assert sample(after, "lorag_engine_up", engine="engine-0") == 1.0
+
+
+def test_chat_is_answered_while_the_knowledge_pool_is_saturated(gateway):
+    collection = f"{gateway.url}/v1/collections/busy"
+    assert httpx.post(f"{gateway.url}/v1/collections", json={"name": "busy"}).status_code == 201
+    anchorage = {"text": "Anchoring in the outer roads needs a permit from the harbour office."}
+    assert httpx.put(f"{collection}/documents/anchorage", json=anchorage).status_code == 201
+    # Every write waits on the knowledge store's write lock, held here: sixty uploads are stuck in
+    # the gateway (more than the default thread pool's forty threads) until it is let go.
+    store = sqlite3.connect(gateway.home / "knowledge.db", isolation_level=None)
+    store.execute("BEGIN IMMEDIATE")
+    uploads = []
+    try:
+        for i in range(60):
+            body = json.dumps({"text": f"Tug {i} is on call for the night shift."}).encode()
+            upload = socket.create_connection(("127.0.0.1", gateway.port))
+            upload.sendall(b"PUT /v1/collections/busy/documents/tug-%d HTTP/1.1\r\nHost: lorag\r\n"
+                           b"Content-Type: application/json\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                           % (i, len(body), body))
+            uploads.append(upload)
+        # Its query is embedded and searched in threads of chat's own, not behind the uploads.
+        # (Under 30 s: past that, SQLite gives the stuck writes up and the pool frees itself.)
+        answered = ask(gateway, "Who issues anchoring permits?", {"collection": "busy"}, timeout=20)
+        assert answered.status_code == 200, answered.text
+        assert any(c["doc_id"] == "anchorage" for c in answered.json()["citations"])
+        readable, _, _ = select.select(uploads, [], [], 0)
+        assert not readable, "an upload was answered while the store was locked"
+    finally:
+        store.execute("ROLLBACK")
+        store.close()
+    for upload in uploads:
+        with upload:
+            upload.settimeout(120)
+            response = b""
+            while chunk := upload.recv(65536):
+                response += chunk
+            assert response.startswith(b"HTTP/1.1 201"), response[:300]
+    assert httpx.delete(collection).status_code == 200
