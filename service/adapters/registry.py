@@ -22,8 +22,11 @@ import shutil
 import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
+
+from anyio import to_thread
 
 from knowledge.documents import DEFAULT_TENANT
 from service.adapters.inspection import AdapterFacts
@@ -174,69 +177,85 @@ class Registry:
                 return version
         return None
 
-    # Writes (SQLite first, then memory); all run on the event loop, one at a time.
+    # Writes, one at a time (the service's lock): the commit and the files in a worker thread,
+    # so the event loop never waits on the disk; memory on the loop, where requests read it.
 
-    def add(self, tenant: str, name: str, facts: AdapterFacts, staged: Path) -> tuple[Version, bool]:
+    async def add(self, tenant: str, name: str, facts: AdapterFacts, staged: Path) -> tuple[Version, bool]:
         """Move a validated, staged folder into place as a version; (version, False) if it already exists."""
         version_id = facts.content_hash[:VERSION_CHARS]
         key = adapter_key(tenant, name)
         adapter = self._adapters.get(key)
         if adapter is not None and version_id in adapter.versions:
-            shutil.rmtree(staged, ignore_errors=True)
+            await to_thread.run_sync(partial(shutil.rmtree, staged, ignore_errors=True))
             return adapter.versions[version_id], False
         final = self.area(tenant) / name / version_id
-        final.parent.mkdir(parents=True, exist_ok=True)
-        if final.exists():  # left by a crash between the move and the commit
-            shutil.rmtree(final)
-        staged.rename(final)
         now = time.time()
         stored = asdict(facts)
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("INSERT OR IGNORE INTO adapters (name, created) VALUES (?, ?)", (key, now))
-            self._db.execute(
-                "INSERT INTO adapter_versions (name, version, facts, created) VALUES (?, ?, ?, ?)",
-                (key, version_id, json.dumps(stored), now),
-            )
+        await to_thread.run_sync(self._store, key, version_id, stored, now, staged, final)
         if adapter is None:
             adapter = self._adapters[key] = Adapter(tenant, name, now)
         version = Version(tenant, name, version_id, final, stored, now)
         adapter.versions[version_id] = version
         return version, True
 
-    def set_active(self, version: Version) -> None:
+    def _store(self, key: str, version_id: str, stored: dict, now: float, staged: Path, final: Path) -> None:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if final.exists():  # left by a crash between the move and the commit
+            shutil.rmtree(final)
+        staged.rename(final)
+        self._commit([
+            ("INSERT OR IGNORE INTO adapters (name, created) VALUES (?, ?)", (key, now)),
+            ("INSERT INTO adapter_versions (name, version, facts, created) VALUES (?, ?, ?, ?)",
+             (key, version_id, json.dumps(stored), now)),
+        ])
+
+    async def set_active(self, version: Version) -> None:
         key = adapter_key(version.tenant, version.name)
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("UPDATE adapters SET active = ? WHERE name = ?", (version.version, key))
-            self._db.execute(
-                "INSERT INTO adapter_activations (name, version, at) VALUES (?, ?, ?)",
-                (key, version.version, time.time()),
-            )
+        await to_thread.run_sync(self._commit, [
+            ("UPDATE adapters SET active = ? WHERE name = ?", (version.version, key)),
+            ("INSERT INTO adapter_activations (name, version, at) VALUES (?, ?, ?)", (key, version.version, time.time())),
+        ])
         self._adapters[key].active = version.version
 
-    def remove_version(self, found: Version) -> None:
+    async def remove_version(self, found: Version) -> None:
         key = adapter_key(found.tenant, found.name)
-        if self._adapters[key].active == found.version:
+        adapter = self._adapters[key]
+        if adapter.active == found.version:
             raise AdapterConflict(
                 f"{found.pinned} is the active version of {found.name!r}; activate another version first",
                 code="version_active",
             )
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM adapter_versions WHERE name = ? AND version = ?", (key, found.version))
-            self._db.execute("DELETE FROM adapter_activations WHERE name = ? AND version = ?", (key, found.version))
-        del self._adapters[key].versions[found.version]
-        shutil.rmtree(found.path, ignore_errors=True)
+        # Out of memory before the first await: from here no request can resolve it (and hold it).
+        del adapter.versions[found.version]
+        try:
+            await to_thread.run_sync(self._commit, [
+                ("DELETE FROM adapter_versions WHERE name = ? AND version = ?", (key, found.version)),
+                ("DELETE FROM adapter_activations WHERE name = ? AND version = ?", (key, found.version)),
+            ], found.path)
+        except Exception:  # not committed: it still exists
+            adapter.versions[found.version] = found
+            raise
 
-    def remove(self, adapter: Adapter) -> None:
+    async def remove(self, adapter: Adapter) -> None:
         key = adapter_key(adapter.tenant, adapter.name)
+        del self._adapters[key]  # before the first await, as in remove_version
+        try:
+            await to_thread.run_sync(self._commit, [
+                ("DELETE FROM adapter_activations WHERE name = ?", (key,)),
+                ("DELETE FROM adapters WHERE name = ?", (key,)),
+            ], self.area(adapter.tenant) / adapter.name)
+        except Exception:  # not committed: it still exists
+            self._adapters[key] = adapter
+            raise
+
+    def _commit(self, statements: list[tuple[str, tuple]], remove: Path | None = None) -> None:
+        """Run `statements` in one transaction, then delete the folder `remove` whose rows they deleted."""
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
-            self._db.execute("DELETE FROM adapter_activations WHERE name = ?", (key,))
-            self._db.execute("DELETE FROM adapters WHERE name = ?", (key,))
-        del self._adapters[key]
-        shutil.rmtree(self.area(adapter.tenant) / adapter.name, ignore_errors=True)
+            for sql, params in statements:
+                self._db.execute(sql, params)
+        if remove is not None:
+            shutil.rmtree(remove, ignore_errors=True)
 
     def _load(self) -> dict[str, Adapter]:
         adapters = {}

@@ -19,6 +19,7 @@ import time
 import uuid
 import zipfile
 import zlib
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +66,7 @@ class AdapterService:
         self._base = base
         self._metrics = metrics
         self.leases = Leases()
-        self._changing = asyncio.Lock()  # one activation, upload or delete at a time
+        self._changing = asyncio.Lock()  # one registry change (activation, registration, delete) at a time
         self._retiring: set[asyncio.Task] = set()
 
     @property
@@ -130,17 +131,19 @@ class AdapterService:
                 ) from None
             if facts.base_fingerprint is None:  # validated against the served base: record which one
                 facts = dataclasses.replace(facts, base_fingerprint=self._base.fingerprint)
+            existing = self._registry.find(tenant, name)
+            version_id = facts.content_hash[:VERSION_CHARS]
+            if existing is None or version_id not in existing.versions:
+                # Outside the lock: other adapters' activations do not wait for this engine round trip.
+                # Its own engine-side name (the upload's), so two uploads of one version do not collide;
+                # the version's own name is only ever loaded from its final path.
+                await self._canary(f"{adapter_key(tenant, name)}@{version_id}#canary-{staged.name[:8]}", staged)
             async with self._changing:
-                existing = self._registry.find(tenant, name)
-                version_id = facts.content_hash[:VERSION_CHARS]
-                if existing is None or version_id not in existing.versions:
-                    # Its own engine-side name: the version's name is only ever loaded from its final path.
-                    await self._canary(f"{adapter_key(tenant, name)}@{version_id}#canary", staged)
-                version, created = self._registry.add(tenant, name, facts, staged)
+                version, created = await self._registry.add(tenant, name, facts, staged)
                 log.info("adapter %s %s", version.served, "registered" if created else "already registered")
                 report = await self._activate(version) if activate else None
         finally:
-            shutil.rmtree(staged, ignore_errors=True)
+            await to_thread.run_sync(partial(shutil.rmtree, staged, ignore_errors=True))
         return version, created, report
 
     async def activate(self, tenant: str, name: str, version: str) -> dict[str, Any]:
@@ -162,7 +165,7 @@ class AdapterService:
                     f"{target.pinned} was not activated, {name}@{previous or '-'} keeps serving: "
                     + "; ".join(failures)
                 )
-            self._registry.set_active(target)
+            await self._registry.set_active(target)
         log.info("adapter %s active (was %s)", target.served, previous or "none")
         if old is not None:
             self._retire(old.served)
@@ -178,7 +181,7 @@ class AdapterService:
         async with self._changing:
             found = self._registry.version(tenant, name, version)
             self._refuse_if_held(found)
-            self._registry.remove_version(found)
+            await self._registry.remove_version(found)
         await self._unload_everywhere(found.served)
         self._metrics.forget(found)
 
@@ -187,7 +190,7 @@ class AdapterService:
             adapter = self._registry.get(tenant, name)
             for version in adapter.versions.values():
                 self._refuse_if_held(version)
-            self._registry.remove(adapter)
+            await self._registry.remove(adapter)
         for version in adapter.versions.values():
             await self._unload_everywhere(version.served)
             self._metrics.forget(version)
@@ -313,6 +316,7 @@ class AdapterService:
     async def _canary(self, served: str, folder: Path) -> None:
         """Load the candidate on one engine and check that it changes the base model's output."""
         engine = self._engines.pick()
+        log.info("canary of %s on %s", served, engine.name)
         lease = self.leases.acquire(served)
         try:
             async with engine.lock:

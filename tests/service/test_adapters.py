@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import io
 import json
 import os
@@ -352,3 +353,31 @@ def test_request_ids_are_echoed_and_carried_by_log_lines(gateway, made):
     refused = httpx.post(url(gateway, "/v1/chat/completions"), content=b"x" * 70_000,
                          headers={"X-Request-ID": "big-1", "content-type": "application/json"})
     assert refused.status_code == 413 and refused.headers["x-request-id"] == "big-1"
+
+
+def test_an_upload_in_its_canary_holds_up_no_other_adapters_activation(gateway, made):
+    bystander = uploaded(gateway, "bystander", made["v1"], activate="true")
+    engine = gateway.engine().pid
+    log_start = gateway.log_path.stat().st_size
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        # Frozen, the engine keeps the latecomer's canary waiting for as long as this test needs.
+        os.killpg(engine, signal.SIGSTOP)
+        try:
+            latecomer = pool.submit(upload, gateway, "latecomer", pack(made["v2"]))
+            deadline = time.monotonic() + 60
+            while b"canary of latecomer@" not in gateway.log_path.read_bytes()[log_start:]:
+                assert not latecomer.done(), latecomer.result().text
+                assert time.monotonic() < deadline, "the upload never reached its canary"
+                time.sleep(0.1)
+            # Another adapter's activation goes ahead (it needs nothing from the engine: already active).
+            activated = httpx.post(url(gateway, "/v1/adapters/bystander/activate"), json={"version": bystander},
+                                   timeout=30)
+            assert activated.status_code == 200 and activated.json()["changed"] is False, activated.text
+            assert not latecomer.done(), "the canary finished on a frozen engine"
+        finally:
+            os.killpg(engine, signal.SIGCONT)
+        assert latecomer.result().status_code == 201, latecomer.result().text
+    deadline = time.monotonic() + 60
+    while httpx.get(url(gateway, "/readyz")).status_code != 200:  # the engine may have missed a health check
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
