@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def default_home() -> Path:
+    """$XDG_DATA_HOME/lorag (else ~/.local/share/lorag): one data directory whatever the working
+    directory, so the service and `lorag keys` run from anywhere find the same store."""
+    return Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "lorag"
 
 
 class KnowledgeSettings(BaseSettings):
@@ -16,7 +23,8 @@ class KnowledgeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LORAG_", extra="ignore", protected_namespaces=())
 
     home: Path = Field(
-        Path("var"), description="Data directory: Chroma under home/chroma, the document table in home/knowledge.db."
+        default_factory=default_home,
+        description="Data directory: Chroma under home/chroma, the document table in home/knowledge.db.",
     )
     chroma_url: str | None = Field(
         None,

@@ -6,8 +6,11 @@ import argparse
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
+import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -58,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     delete.add_argument("name")
     delete.add_argument("version", nargs="?")
 
-    keys = commands.add_parser("keys", help="create, list or revoke API keys (in this machine's LORAG_HOME)")
+    keys = commands.add_parser("keys", help="create, list or revoke API keys (in the service's store under LORAG_HOME)")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = key_commands.add_parser("create", help="make a key; it is printed once and stored only hashed")
     create.add_argument("--tenant", required=True)
@@ -69,7 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     create.add_argument("--tokens-per-minute", type=int, metavar="N",
                         help="tokens the tenant may use per minute when calling with this key, instead of "
                         "LORAG_TENANT_TOKENS_PER_MINUTE (0: no limit)")
-    key_commands.add_parser("list", help="every key: id, tenant, scopes, created, revoked, own limits")
+    create.add_argument("--expires", type=_expiry, metavar="WHEN",
+                        help="refuse the key (401) from then on: a duration (30m, 12h, 30d, 2w) or an ISO date "
+                        "or time (2027-01-31, 2027-01-31T18:00; UTC unless an offset is given); default: never")
+    key_commands.add_parser("list", help="every key: id, tenant, scopes, created, expires, state, own limits")
     revoke = key_commands.add_parser("revoke", help="stop a key from working, at once")
     revoke.add_argument("id")
 
@@ -119,24 +125,26 @@ def _remote_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _keys(settings: Settings, args: argparse.Namespace) -> int:
-    from datetime import UTC, datetime
+    from service.auth.keys import KeyRefused, KeyStore, utc
 
-    from service.auth.keys import KeyRefused, KeyStore
-
-    store = KeyStore(settings.home / "lorag.db")
+    store = KeyStore(settings.store_path)  # the service's own: LORAG_HOME, never the working directory
     try:
         if args.keys_command == "create":
             key, token = store.create(args.tenant, [s.strip() for s in args.scopes.split(",") if s.strip()],
-                                      max_inflight=args.max_inflight, tokens_per_minute=args.tokens_per_minute)
-            print(f"key {key.id} for tenant {key.tenant} ({', '.join(key.scopes)}); shown once, keep it now:")
+                                      max_inflight=args.max_inflight, tokens_per_minute=args.tokens_per_minute,
+                                      expires=args.expires)
+            until = f", expires {utc(key.expires)}" if key.expires else ""
+            print(f"key {key.id} for tenant {key.tenant} ({', '.join(key.scopes)}{until}) in {settings.store_path}; "
+                  "shown once, keep it now:")
             print(token)
         elif args.keys_command == "list":
             for key in store.keys():
-                created = datetime.fromtimestamp(key.created, UTC).strftime("%Y-%m-%d %H:%M")
-                state = "revoked" if key.revoked else "active"
+                state = "revoked" if key.revoked else "expired" if key.expired else "active"
+                expires = utc(key.expires) if key.expires else "never"
                 own = (("max_inflight", key.max_inflight), ("tokens_per_minute", key.tokens_per_minute))
                 limits = " ".join(f"{name}={value}" for name, value in own if value is not None)
-                print(f"{key.id}  {key.tenant:20} {','.join(key.scopes):50} {created}  {state}  {limits}".rstrip())
+                print(f"{key.id}  {key.tenant:20} {','.join(key.scopes):50} {utc(key.created)}  "
+                      f"expires {expires:20}  {state}  {limits}".rstrip())
         else:
             store.revoke(args.id)
             print(f"revoked {args.id}")
@@ -146,6 +154,28 @@ def _keys(settings: Settings, args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+_DURATION = re.compile(r"(\d+)([mhdw])")
+_UNIT_S = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _expiry(text: str) -> float:
+    """`--expires` as a unix time: a duration from now (30m, 12h, 30d, 2w) or an ISO date or time."""
+    now = time.time()
+    if match := _DURATION.fullmatch(text.strip()):
+        at = now + int(match[1]) * _UNIT_S[match[2]]
+    else:
+        try:
+            when = datetime.fromisoformat(text.strip())
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is neither a duration (30m, 12h, 30d, 2w) nor an ISO date or time (2027-01-31)"
+            ) from None
+        at = (when if when.tzinfo else when.replace(tzinfo=UTC)).timestamp()
+    if at <= now:
+        raise argparse.ArgumentTypeError(f"{text!r} is not in the future")
+    return at
 
 
 def _adapters(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from knowledge.prompting import DEFAULT_SYSTEM_TEMPLATE, check_template
+from knowledge.settings import default_home
 
 DEMO_MODEL_NAME = "lorag-demo"
 
@@ -26,7 +27,11 @@ class Settings(BaseSettings):
     # Gateway
     host: str = Field("127.0.0.1", description="Address the gateway listens on.")
     port: int = Field(8000, ge=1, le=65535, description="Port the gateway listens on.")
-    home: Path = Field(Path("var"), description="Data directory: models, adapters, state, logs.")
+    home: Path = Field(
+        default_factory=default_home,
+        description="Data directory: models, adapters, state (the key store too), logs; default $XDG_DATA_HOME/lorag "
+        "or ~/.local/share/lorag.",
+    )
     log_level: str = Field("info", description="Log level; 'debug' also shows the embedded engine's output.")
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text or as one JSON object each; both carry the request id."
@@ -165,6 +170,11 @@ class Settings(BaseSettings):
     def auth_required(self) -> bool:
         return self.auth == "on" or (self.auth == "auto" and not self.loopback)
 
+    @field_validator("home")
+    @classmethod
+    def _absolute_home(cls, value: Path) -> Path:
+        return value.expanduser().absolute()  # logs and `lorag keys` name the directory actually used
+
     @field_validator("rag_system_template")
     @classmethod
     def _check_template(cls, value: str) -> str:
@@ -191,6 +201,11 @@ class Settings(BaseSettings):
         if self.model_name:
             return self.model_name
         return DEMO_MODEL_NAME if self.model is None else self.model.resolve().name
+
+    @property
+    def store_path(self) -> Path:
+        """The SQLite store of the adapter registry and the API keys (the service and `lorag keys` open it)."""
+        return self.home / "lorag.db"
 
     @property
     def adapters_path(self) -> Path:

@@ -15,6 +15,7 @@ import secrets
 import sqlite3
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 
 SCOPES = ("chat", "knowledge:read", "knowledge:write", "adapters:admin")
@@ -33,7 +34,8 @@ CREATE TABLE IF NOT EXISTS api_keys (
 """
 # Columns added after the table first shipped: an older database gets them when it is opened.
 # NULL: the setting applies (see service/chat/fair_share.py).
-_ADDED_COLUMNS = {"max_inflight": "INTEGER", "tokens_per_minute": "INTEGER"}
+# expires: unix time from which the key is refused; NULL: never.
+_ADDED_COLUMNS = {"max_inflight": "INTEGER", "tokens_per_minute": "INTEGER", "expires": "REAL"}
 
 
 class KeyRefused(ValueError):
@@ -50,6 +52,16 @@ class ApiKey:
     # Fair-share limits of this key's own, replacing the settings' (0: none); None: the settings'.
     max_inflight: int | None = None
     tokens_per_minute: int | None = None
+    expires: float | None = None
+
+    @property
+    def expired(self) -> bool:
+        return self.expires is not None and self.expires <= time.time()
+
+
+def utc(timestamp: float) -> str:
+    """A timestamp as people read it, in UTC: 2027-01-31 18:00 UTC."""
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 class KeyStore:
@@ -74,9 +86,16 @@ class KeyStore:
         self._db.close()
 
     def create(
-        self, tenant: str, scopes: list[str], *, max_inflight: int | None = None, tokens_per_minute: int | None = None
+        self,
+        tenant: str,
+        scopes: list[str],
+        *,
+        max_inflight: int | None = None,
+        tokens_per_minute: int | None = None,
+        expires: float | None = None,
     ) -> tuple[ApiKey, str]:
-        """A new key and its token; the token is shown once and never stored."""
+        """A new key (refused from `expires`, a unix time, if given) and its token; the token is shown
+        once and never stored."""
         if not TENANT.fullmatch(tenant):
             raise KeyRefused(f"tenant {tenant!r} is not valid: 1-63 lowercase letters, digits, '_' or '-'")
         unknown = sorted(set(scopes) - set(SCOPES))
@@ -86,19 +105,22 @@ class KeyStore:
             if limit is not None and limit < 0:
                 raise KeyRefused(f"{name} must be 0 (no limit) or more, not {limit}")
         key_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
-        key = ApiKey(key_id, tenant, tuple(sorted(set(scopes))), time.time(), None, max_inflight, tokens_per_minute)
+        key = ApiKey(key_id, tenant, tuple(sorted(set(scopes))), time.time(), None, max_inflight, tokens_per_minute,
+                     expires)
         self._db.execute(
-            "INSERT INTO api_keys (id, tenant, scopes, secret_sha256, created, max_inflight, tokens_per_minute) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (key.id, tenant, json.dumps(key.scopes), _digest(secret), key.created, max_inflight, tokens_per_minute),
+            "INSERT INTO api_keys (id, tenant, scopes, secret_sha256, created, max_inflight, tokens_per_minute, "
+            "expires) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (key.id, tenant, json.dumps(key.scopes), _digest(secret), key.created, max_inflight, tokens_per_minute,
+             expires),
         )
         return key, f"lorag_{key_id}_{secret}"
 
     def keys(self) -> list[ApiKey]:
         rows = self._db.execute(
-            "SELECT id, tenant, scopes, created, revoked, max_inflight, tokens_per_minute FROM api_keys ORDER BY created"
+            "SELECT id, tenant, scopes, created, revoked, max_inflight, tokens_per_minute, expires FROM api_keys "
+            "ORDER BY created"
         )
-        return [ApiKey(i, t, tuple(json.loads(s)), c, r, m, k) for i, t, s, c, r, m, k in rows]
+        return [ApiKey(i, t, tuple(json.loads(s)), c, r, m, k, e) for i, t, s, c, r, m, k, e in rows]
 
     def revoke(self, key_id: str) -> None:
         changed = self._db.execute(
@@ -108,17 +130,18 @@ class KeyStore:
             raise KeyRefused(f"no active key with id {key_id!r}")
 
     def verify(self, token: str) -> ApiKey | None:
-        """The key a token belongs to, if it is well-formed, known, matching and not revoked."""
+        """The key a token belongs to, if it is well-formed, known, matching and not revoked (it may
+        have expired: the caller says so)."""
         match = _KEY.fullmatch(token)
         if match is None:
             return None
         row = self._db.execute(
-            "SELECT tenant, scopes, secret_sha256, created, revoked, max_inflight, tokens_per_minute "
+            "SELECT tenant, scopes, secret_sha256, created, revoked, max_inflight, tokens_per_minute, expires "
             "FROM api_keys WHERE id = ?", (match[1],)
         ).fetchone()
         if row is None or row[4] is not None or not hmac.compare_digest(row[2], _digest(match[2])):
             return None
-        return ApiKey(match[1], row[0], tuple(json.loads(row[1])), row[3], None, row[5], row[6])
+        return ApiKey(match[1], row[0], tuple(json.loads(row[1])), row[3], None, row[5], row[6], row[7])
 
 
 def _digest(secret: str) -> str:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 from fastapi.routing import APIRoute
 from fastapi.testclient import TestClient
 
+import service
 from service import Settings, create_app
 from service.auth.keys import SCOPES, KeyStore
 from service.engine.launcher import free_port
@@ -88,6 +92,14 @@ def lorag(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
                           env={**os.environ, "LORAG_HOME": str(home), **env})
 
 
+def stored_bytes(db: Path) -> bytes:
+    """The store's files as they lie on disk, read by another process: opening and closing them in
+    this one would drop its SQLite locks on them (POSIX locks are per process), and the app's open
+    connection would go on reading a stale snapshot."""
+    files = [str(p) for p in (db, db.with_name(db.name + "-wal")) if p.exists()]
+    return subprocess.run(["cat", *files], capture_output=True, check=True).stdout
+
+
 def test_keys_cli_creates_lists_and_revokes_and_the_service_honours_it(app_and_home):
     client, home = app_and_home
     created = lorag(home, "keys", "create", "--tenant", "acme", "--scopes", "chat,knowledge:read")
@@ -95,7 +107,7 @@ def test_keys_cli_creates_lists_and_revokes_and_the_service_honours_it(app_and_h
     key_id, token = created.stdout.split()[1], created.stdout.splitlines()[-1]
     listed = lorag(home, "keys", "list").stdout
     assert re.search(rf"{key_id}\s+acme\s+chat,knowledge:read\s.*active", listed), listed
-    assert token not in listed and token.split("_")[-1] not in (home / "lorag.db").read_bytes().decode("latin-1")
+    assert token not in listed and token.split("_")[-1] not in stored_bytes(home / "lorag.db").decode("latin-1")
     headers = {"Authorization": f"Bearer {token}"}
     assert client.get("/v1/collections", headers=headers).status_code == 200
     assert client.post("/v1/collections", json={"name": "nope"}, headers=headers).status_code == 403
@@ -116,3 +128,65 @@ def test_auth_off_is_refused_on_any_address_but_loopback(tmp_path):
         assert "LORAG_AUTH=off with LORAG_HOST=" in result.stderr and "Listen on 127.0.0.1" in result.stderr
     assert Settings(host="0.0.0.0").auth_required and not Settings(host="127.0.0.1").auth_required
     assert Settings(host="::1", auth="off").loopback
+
+
+def test_a_key_past_its_expiry_is_refused_with_when_it_expired(app_and_home):
+    client, home = app_and_home
+    created = lorag(home, "keys", "create", "--tenant", "acme", "--scopes", "knowledge:read", "--expires", "12h")
+    assert created.returncode == 0, created.stderr
+    key_id, token = created.stdout.split()[1], created.stdout.splitlines()[-1]
+    assert "expires " in created.stdout
+    fresh = client.get("/v1/collections", headers={"Authorization": f"Bearer {token}"})
+    assert fresh.status_code == 200, fresh.text
+    # A key whose moment has come (no test waits twelve hours): the store takes any expiry.
+    store = KeyStore(home / "lorag.db")
+    _, lapsed = store.create("acme", ["knowledge:read"], expires=time.time() - 60)
+    store.close()
+    refused = client.get("/v1/collections", headers={"Authorization": f"Bearer {lapsed}"})
+    assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+    error = refused.json()["error"]
+    assert error["code"] == "expired_api_key" and re.search(r"expired at \d{4}-\d\d-\d\d \d\d:\d\d UTC", error["message"])
+    listed = lorag(home, "keys", "list").stdout
+    assert re.search(rf"{key_id}\s.*expires \d{{4}}-\d\d-\d\d \d\d:\d\d UTC\s+active", listed), listed
+    assert re.search(r"expires \d{4}-\S+ \S+ UTC\s+expired", listed), listed
+    for bad in ("tomorrow", "2001-01-01", "-3d"):
+        result = lorag(home, "keys", "create", "--tenant", "acme", "--scopes", "chat", "--expires", bad)
+        assert result.returncode == 2 and "--expires" in result.stderr, (bad, result.stderr)
+
+
+def test_a_key_store_from_before_expiry_opens_and_its_keys_still_work(tmp_path):
+    old = sqlite3.connect(tmp_path / "lorag.db")
+    old.executescript(
+        "CREATE TABLE api_keys (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, scopes TEXT NOT NULL, "
+        "secret_sha256 TEXT NOT NULL, created REAL NOT NULL, revoked REAL);"
+        f"INSERT INTO api_keys VALUES ('0123456789abcdef', 'acme', '[\"chat\"]', '{hashlib.sha256(b'x' * 43).hexdigest()}', 1, NULL);"
+    )
+    old.commit()
+    old.close()
+    store = KeyStore(tmp_path / "lorag.db")
+    key = store.verify("lorag_0123456789abcdef_" + "x" * 43)
+    assert key is not None and key.tenant == "acme" and key.expires is None and not key.expired
+    store.close()
+
+
+def test_keys_cli_finds_the_services_store_from_any_working_directory(tmp_path):
+    # No LORAG_HOME: the default home, which must not depend on where the command runs.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LORAG_")}
+    env |= {"XDG_DATA_HOME": str(tmp_path / "data"), "PYTHONPATH": str(Path(service.__file__).parent.parent)}
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+
+    def keys(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "service.cli", "keys", *args], cwd=cwd, env=env,
+                              capture_output=True, text=True, timeout=60)
+
+    created = keys(first, "create", "--tenant", "acme", "--scopes", "chat")
+    assert created.returncode == 0, created.stderr
+    store = tmp_path / "data" / "lorag" / "lorag.db"
+    assert str(store) in created.stdout and store.exists()
+    key_id = created.stdout.split()[1]
+    assert key_id in keys(second, "list").stdout
+    assert keys(second, "revoke", key_id).returncode == 0
+    assert "revoked" in keys(first, "list").stdout
+    assert not (first / "var").exists() and not (second / "var").exists()
