@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import httpx
 from anyio import to_thread
@@ -48,78 +48,69 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # One pooled client for the engine's admin traffic (chat has its own: service.engine.chat);
-        # per-request timeouts are set where requests are built.
-        http = httpx.AsyncClient(limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256))
-        metrics = Metrics()
-        registry = Registry(settings.home / "lorag.db", settings.adapters_path)
-        keys = KeyStore(settings.home / "lorag.db")
-        app.state.guard = Guard(keys, settings.auth_required)
-        if not settings.auth_required:
-            log.warning("API keys are not required (LORAG_AUTH=%s, listening on %s)", settings.auth, settings.host)
-        if settings.embedded:
-            supervisor = EngineSupervisor(
-                lambda: launch_spec(settings),
-                http,
-                startup_timeout_s=settings.engine_startup_timeout_s,
-                backoff_max_s=settings.engine_restart_backoff_max_s,
-                # Sync the new engine's adapters at once, not at the next probe.
-                on_ready=lambda: engines.probe(),
+        # Every resource is closed by the stack, last opened first: at shutdown, and just the same when
+        # a start step fails, so a failed start leaves no engine process and no open client behind.
+        async with AsyncExitStack() as stack:
+            # One pooled client for the engine's admin traffic (chat has its own: service.engine.chat);
+            # per-request timeouts are set where requests are built.
+            http = await stack.enter_async_context(
+                httpx.AsyncClient(limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256))
             )
-            engines = EnginePool.embedded(http, supervisor)
-        else:
-            engines = EnginePool.external(http, settings.engine_urls)
-        base = await to_thread.run_sync(_base_info, settings)
-        adapters = AdapterService(settings, registry, engines, LoraEndpoints(http), base, metrics)
-        engines.set_sync(adapters.sync)
-        metrics.watch_engines(lambda: engines.engines)
-        catalog = ModelCatalog(settings.served_model_name, registry)
-        # Measured on 2 cores beside vLLM: a query embeds in 12 ms with one torch thread and
-        # in 146 ms with two, whose OpenMP threads fight the engine's for the same cores.
-        import torch  # heavy: imported when the app starts, not when it is built
+            metrics = Metrics()
+            registry = Registry(settings.store_path, settings.adapters_path)
+            stack.callback(registry.close)
+            keys = KeyStore(settings.store_path)
+            stack.callback(keys.close)
+            app.state.guard = Guard(keys, settings.auth_required)
+            if not settings.auth_required:
+                log.warning("API keys are not required (LORAG_AUTH=%s, listening on %s)", settings.auth, settings.host)
+            if settings.embedded:
+                supervisor = EngineSupervisor(
+                    lambda: launch_spec(settings),
+                    http,
+                    startup_timeout_s=settings.engine_startup_timeout_s,
+                    backoff_max_s=settings.engine_restart_backoff_max_s,
+                    # Sync the new engine's adapters at once, not at the next probe.
+                    on_ready=lambda: engines.probe(),
+                )
+                engines = EnginePool.embedded(http, supervisor)
+            else:
+                engines = EnginePool.external(http, settings.engine_urls)
+            base = await to_thread.run_sync(_base_info, settings)
+            adapters = AdapterService(settings, registry, engines, LoraEndpoints(http), base, metrics)
+            engines.set_sync(adapters.sync)
+            metrics.watch_engines(lambda: engines.engines)
+            catalog = ModelCatalog(settings.served_model_name, registry)
+            # Measured on 2 cores beside vLLM: a query embeds in 12 ms with one torch thread and
+            # in 146 ms with two, whose OpenMP threads fight the engine's for the same cores.
+            import torch  # heavy: imported when the app starts, not when it is built
 
-        torch.set_num_threads(settings.torch_threads)
-        # The engine starts in the background first, so its start overlaps the
-        # knowledge base's (the embedder and Chroma take seconds to open).
-        await engines.start()
-        kb = None
-        try:
+            torch.set_num_threads(settings.torch_threads)
+            # The engine starts in the background first, so its start overlaps the
+            # knowledge base's (the embedder and Chroma take seconds to open).
+            stack.push_async_callback(engines.stop)
+            await engines.start()
+            stack.push_async_callback(adapters.close)
             kb = await to_thread.run_sync(KnowledgeBase, knowledge_settings)
+            stack.callback(kb.close)
             # LORAG_QUERY_ENCODER=onnx: exported at first start (seconds), checked against torch at every start.
             query_encoder = await to_thread.run_sync(load_query_encoder, settings, kb.embedder)
-        except BaseException:
-            # The engine is already starting: a failed start must not leave it behind.
-            await engines.stop()
-            await http.aclose()
-            if kb is not None:
-                kb.close()
-            registry.close()
-            keys.close()
-            raise
-        builder = await to_thread.run_sync(load_builder, settings)
-        app.state.knowledge = KnowledgeService(kb, settings)
-        app.state.engines = engines
-        app.state.catalog = catalog
-        app.state.adapters = adapters
-        app.state.metrics = metrics
-        retrieval = Retrieval(kb, builder, settings, query_encoder)
-        engine_chat = EngineChat(settings.engine_timeout_s, on_unreachable=engines.mark_down)
-        app.state.fair_share = FairShare(settings, metrics)
-        app.state.chat = ChatService(
-            settings, engines, catalog, adapters, engine_chat, retrieval, metrics, app.state.fair_share
-        )
-        log.info("lorag serving model %r (%s engine)", catalog.base, "embedded" if settings.embedded else "external")
-        try:
+            builder = await to_thread.run_sync(load_builder, settings)
+            retrieval = Retrieval(kb, builder, settings, query_encoder)
+            stack.push_async_callback(retrieval.close)
+            app.state.knowledge = KnowledgeService(kb, settings)
+            app.state.engines = engines
+            app.state.catalog = catalog
+            app.state.adapters = adapters
+            app.state.metrics = metrics
+            engine_chat = EngineChat(settings.engine_timeout_s, on_unreachable=engines.mark_down)
+            stack.push_async_callback(engine_chat.close)
+            app.state.fair_share = FairShare(settings, metrics)
+            app.state.chat = ChatService(
+                settings, engines, catalog, adapters, engine_chat, retrieval, metrics, app.state.fair_share
+            )
+            log.info("lorag serving model %r (%s engine)", catalog.base, "embedded" if settings.embedded else "external")
             yield
-        finally:
-            await retrieval.close()
-            await engine_chat.close()
-            await adapters.close()
-            await engines.stop()
-            await http.aclose()
-            kb.close()
-            registry.close()
-            keys.close()
 
     app = FastAPI(
         title="lorag",

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -12,10 +15,13 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
+from fastapi.testclient import TestClient
 
 from tests.adapters import make_adapter, pack
 from tests.conftest import MODEL_NAME
-from tests.gateway import Gateway, live_group_members
+from service import Settings, create_app
+from tests.gateway import Gateway, engine_children, live_group_members
 from tests.sse import sse_payloads
 
 LONG_STREAM = {
@@ -178,3 +184,19 @@ def test_missing_model_directory_fails_fast_with_a_clear_message(tmp_path):
     )
     assert result.returncode == 2
     assert "is not a model directory" in result.stderr
+
+
+def test_a_start_that_fails_after_the_engine_started_leaves_no_engine_and_no_open_client(tiny_model, tmp_path, caplog):
+    model = shutil.copytree(tiny_model, tmp_path / "model")
+    # A tokenizer the gateway cannot read: its start fails after the engine has been started.
+    (model / "tokenizer.json").write_text(json.dumps({"version": "1.0"}))
+    settings = Settings(model=model, home=tmp_path / "home", query_encoder="torch")
+    before = {id(c) for c in gc.get_objects() if type(c) is httpx.AsyncClient}
+    caplog.set_level(logging.INFO, logger="lorag.engine")
+    with pytest.raises(KeyError):
+        with TestClient(create_app(settings)):
+            pass
+    assert "starting engine" in caplog.text
+    assert not engine_children(os.getpid()), "the engine outlived the failed start"
+    clients = [c for c in gc.get_objects() if type(c) is httpx.AsyncClient and id(c) not in before]
+    assert clients and all(c.is_closed for c in clients), "a client of the failed start is still open"
