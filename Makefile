@@ -33,4 +33,5 @@ demo: install
 	$(BIN)/lorag demo build-base
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	@# The service's data (LORAG_HOME, ~/.local/share/lorag by default) is not removed.
+	rm -rf $(VENV) .pytest_cache
