@@ -45,12 +45,15 @@ from training.demo.corpus import corpus
 MODEL = "lorag-demo"
 
 
-async def run_phase(url: str, bodies: list[dict], concurrency: int, path: str) -> tuple[float, list[float], list[dict]]:
+async def run_phase(
+    url: str, bodies: list[dict], concurrency: int, path: str, headers: dict[str, str] | None = None
+) -> tuple[float, list[float], list[dict]]:
     """(wall seconds, per-request latencies in ms, responses) for `bodies` sent with `concurrency` in flight."""
     gate = asyncio.Semaphore(concurrency)
     latencies: list[float] = [0.0] * len(bodies)
     answers: list[dict] = [{}] * len(bodies)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency * 2)) as http:
+    limits = httpx.Limits(max_connections=concurrency * 2)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits, headers=headers) as http:
         async def one(i: int, body: dict) -> None:
             async with gate:
                 started = time.perf_counter()
@@ -112,7 +115,7 @@ def bench(gw: Gateway, args: argparse.Namespace) -> dict:
          "ignore_eos": True, "rag": {"collection": "bench", "top_k": 4}}
         for q, n in zip(questions, lengths)
     ]
-    engine = gw.engine_url()
+    engine, engine_headers = gw.engine_url(), gw.engine_headers()  # the engine answers only its key
 
     # The direct phase's prompts: the same search, the same builder, the served model's tokenizer.
     builder = PromptBuilder(AutoTokenizer.from_pretrained(gw.model), Settings().engine_max_model_len)
@@ -127,7 +130,8 @@ def bench(gw: Gateway, args: argparse.Namespace) -> dict:
     # Warm-up, and proof that both paths give vLLM the same prompt.
     echo = {"return_token_ids": True}
     _, _, through = asyncio.run(run_phase(gw.url, [{**b, **echo} for b in lorag_bodies], args.concurrency, "/v1/chat/completions"))
-    _, _, direct = asyncio.run(run_phase(engine, [{**b, **echo} for b in direct_bodies], args.concurrency, "/v1/chat/completions"))
+    _, _, direct = asyncio.run(run_phase(engine, [{**b, **echo} for b in direct_bodies], args.concurrency,
+                                         "/v1/chat/completions", engine_headers))
     assert all(a["prompt_token_ids"] == b["prompt_token_ids"] for a, b in zip(through, direct)), "prompts differ"
 
     gateway = psutil.Process(gw.proc.pid)
@@ -137,19 +141,19 @@ def bench(gw: Gateway, args: argparse.Namespace) -> dict:
         return times.user + times.system
 
     proxy_bodies = [{**b, "rag": {"enabled": False}} for b in direct_bodies]
-    runs = {  # phase → (where, bodies)
-        "lorag": (gw.url, lorag_bodies),
-        "proxy": (gw.url, proxy_bodies),
-        "direct": (engine, direct_bodies),
+    runs = {  # phase → (where, bodies, headers)
+        "lorag": (gw.url, lorag_bodies, None),
+        "proxy": (gw.url, proxy_bodies, None),
+        "direct": (engine, direct_bodies, engine_headers),
     }
     phases: dict[str, list[dict]] = {name: [] for name in runs}
     all_latencies: dict[str, list[float]] = {name: [] for name in runs}
     timings: list[dict] = []
     tokens = sum(lengths)
     for _ in range(2):
-        for name, (url, bodies) in runs.items():
+        for name, (url, bodies, headers) in runs.items():
             before = cpu_s()
-            wall, lat, answers = asyncio.run(run_phase(url, bodies, args.concurrency, "/v1/chat/completions"))
+            wall, lat, answers = asyncio.run(run_phase(url, bodies, args.concurrency, "/v1/chat/completions", headers))
             gateway_cpu_ms = (cpu_s() - before) * 1000 / len(bodies)
             assert [a["usage"]["completion_tokens"] for a in answers] == lengths
             phases[name].append({**summarize(wall, lat, tokens), "gateway_cpu_ms_per_request": round(gateway_cpu_ms, 1)})

@@ -34,8 +34,8 @@ from training.demo.base import build_base
 MODEL = "demo-base"
 
 
-def run_round(url: str, model: Path, args: argparse.Namespace, seed: int) -> dict:
-    """One `vllm bench serve` run against `url`; its result dict."""
+def run_round(url: str, model: Path, args: argparse.Namespace, seed: int, headers: dict[str, str] | None = None) -> dict:
+    """One `vllm bench serve` run against `url` (sending `headers`); its result dict."""
     parser = FlexibleArgumentParser()
     add_cli_args(parser)
     bench_args = parser.parse_args([
@@ -45,6 +45,7 @@ def run_round(url: str, model: Path, args: argparse.Namespace, seed: int) -> dic
         "--random-output-len", str(args.output_len), "--ignore-eos",
         "--num-prompts", str(args.prompts), "--max-concurrency", str(args.concurrency),
         "--seed", str(seed), "--disable-tqdm", "--percentile-metrics", "ttft,itl,e2el",
+        *(["--header", *(f"{k}={v}" for k, v in headers.items())] if headers else []),
     ])
     with contextlib.redirect_stdout(io.StringIO()):  # its report table; the numbers come back as a dict
         return vllm_bench(bench_args)
@@ -77,19 +78,20 @@ def main() -> None:
 
 def bench(gw: Gateway, model: Path, args: argparse.Namespace) -> dict:
     gateway = psutil.Process(gw.proc.pid)
-    targets = {"lorag": gw.url, "direct": gw.engine_url()}
+    targets = {"lorag": (gw.url, None), "direct": (gw.engine_url(), gw.engine_headers())}  # the engine wants its key
 
     def cpu_s() -> float:
         times = gateway.cpu_times()  # the gateway alone; its engine child is not counted
         return times.user + times.system
 
-    for url in targets.values():  # warm-up: first-request costs out of the way on both paths
-        run_round(url, model, argparse.Namespace(**{**vars(args), "prompts": args.concurrency}), seed=99)
+    for url, headers in targets.values():  # warm-up: first-request costs out of the way on both paths
+        run_round(url, model, argparse.Namespace(**{**vars(args), "prompts": args.concurrency}), seed=99, headers=headers)
     rounds: list[dict] = []
     for r in range(args.rounds):
         for name in (("lorag", "direct") if r % 2 == 0 else ("direct", "lorag")):
             before = cpu_s()
-            result = run_round(targets[name], model, args, seed=r)
+            url, headers = targets[name]
+            result = run_round(url, model, args, seed=r, headers=headers)
             cpu = cpu_s() - before
             tokens = result["total_output_tokens"]
             entry = {

@@ -12,7 +12,8 @@ if TYPE_CHECKING:
 __all__ = ["Settings", "create_app"]
 
 # Resolved on first use: the CLI's client commands (`lorag docs`, `adapters`, `keys`, `--help`)
-# import service.cli, which must not load torch, vLLM and Chroma with the app.
+# import service.cli, which must not load torch, vLLM and Chroma with the app; nor may the
+# embedded vLLM, which imports its key guard (service.engine.guard) from this package.
 _HOMES = {"create_app": "service.app", "Settings": "service.settings"}
 
 

@@ -26,7 +26,7 @@ from service.chat.fair_share import FairShare
 from service.chat.router import router as chat_router
 from service.chat.service import ChatService
 from service.engine.chat import EngineChat
-from service.engine.launcher import launch_spec
+from service.engine.launcher import engine_key, launch_spec
 from service.engine.lora import LoraEndpoints
 from service.engine.pool import EnginePool
 from service.engine.supervisor import EngineSupervisor
@@ -51,10 +51,16 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
         # Every resource is closed by the stack, last opened first: at shutdown, and just the same when
         # a start step fails, so a failed start leaves no engine process and no open client behind.
         async with AsyncExitStack() as stack:
+            # The engines answer only requests carrying this key (their adapter routes load from any path).
+            key = engine_key(settings)
+            if key is None:
+                log.warning("LORAG_ENGINE_API_KEY is not set: the engines must answer anyone who reaches them")
+            engine_auth = {"Authorization": f"Bearer {key}"} if key else None  # sent by both engine clients
             # One pooled client for the engine's admin traffic (chat has its own: service.engine.chat);
             # per-request timeouts are set where requests are built.
             http = await stack.enter_async_context(
-                httpx.AsyncClient(limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256))
+                httpx.AsyncClient(limits=httpx.Limits(max_connections=1024, max_keepalive_connections=256),
+                                  headers=engine_auth)
             )
             metrics = Metrics()
             registry = Registry(settings.store_path, settings.adapters_path)
@@ -66,7 +72,7 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
                 log.warning("API keys are not required (LORAG_AUTH=%s, listening on %s)", settings.auth, settings.host)
             if settings.embedded:
                 supervisor = EngineSupervisor(
-                    lambda: launch_spec(settings),
+                    lambda: launch_spec(settings, key),
                     http,
                     startup_timeout_s=settings.engine_startup_timeout_s,
                     backoff_max_s=settings.engine_restart_backoff_max_s,
@@ -103,7 +109,7 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
             app.state.catalog = catalog
             app.state.adapters = adapters
             app.state.metrics = metrics
-            engine_chat = EngineChat(settings.engine_timeout_s, on_unreachable=engines.mark_down)
+            engine_chat = EngineChat(settings.engine_timeout_s, on_unreachable=engines.mark_down, headers=engine_auth)
             stack.push_async_callback(engine_chat.close)
             app.state.fair_share = FairShare(settings, metrics)
             app.state.chat = ChatService(

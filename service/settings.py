@@ -10,7 +10,7 @@ from typing import Annotated
 
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from knowledge.prompting import DEFAULT_SYSTEM_TEMPLATE, check_template
@@ -85,6 +85,12 @@ class Settings(BaseSettings):
     engine_urls: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
         description="Comma-separated vLLM server URLs (external mode); empty starts a local vLLM (embedded mode).",
+    )
+    engine_api_key: SecretStr | None = Field(
+        None,
+        min_length=1,
+        description="Key the gateway sends to the engines as 'Authorization: Bearer'; external mode: the key "
+        "the vLLM servers were started with (VLLM_API_KEY). Unset: embedded mode makes one at each start.",
     )
     engine_python: str = Field(sys.executable, description="Python interpreter that runs the embedded vLLM.")
     engine_args: Annotated[list[str], NoDecode] = Field(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 import psutil
 
+from service.engine.guard import KEY_VARIABLE
 from service.engine.launcher import free_port
 
 
@@ -107,6 +109,14 @@ class Gateway:
         port = re.search(r"--port (\d+)", " ".join(self.engine().cmdline())).group(1)
         return f"http://127.0.0.1:{port}"
 
+    def engine_key(self) -> str:
+        """The key lorag made for its engine at start: in the engine's environment, which only its
+        own user can read (argv is everyone's)."""
+        return self.engine().environ()[KEY_VARIABLE]
+
+    def engine_headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.engine_key()}"}
+
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> tuple[int, list[psutil.Process]]:
         """Signal lorag, wait for it to exit; returns its exit code and any engine process left behind."""
         groups = [child.pid for child in engine_children(self.proc.pid)]
@@ -141,6 +151,7 @@ class Replica:
 
     model: Path
     name: str
+    key: str = field(default_factory=secrets.token_urlsafe)  # the gateway's LORAG_ENGINE_API_KEY
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
 
@@ -148,11 +159,16 @@ class Replica:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
     def start(self, log_dir: Path) -> Replica:
         from service.engine.launcher import launch_spec
         from service.settings import Settings
 
-        spec = launch_spec(Settings(model=self.model, model_name=self.name, engine_max_model_len=1024), self.port)
+        settings = Settings(model=self.model, model_name=self.name, engine_max_model_len=1024)
+        spec = launch_spec(settings, self.key, self.port)
         log = (log_dir / f"replica-{self.port}.log").open("ab")
         self.proc = subprocess.Popen(spec.argv, env=spec.env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
@@ -171,7 +187,7 @@ class Replica:
         raise AssertionError(f"replica on port {self.port} not ready within {timeout} s")
 
     def adapters(self) -> set[str]:
-        models = httpx.get(f"{self.url}/v1/models", timeout=10).json()["data"]
+        models = httpx.get(f"{self.url}/v1/models", headers=self.headers, timeout=10).json()["data"]
         return {m["id"] for m in models if m.get("parent")}
 
     def stop(self, sig: int = signal.SIGTERM) -> None:

@@ -57,7 +57,13 @@ class EngineAnswer:
 class EngineChat:
     """POST /v1/chat/completions to one engine. Built in the lifespan (the session needs the loop)."""
 
-    def __init__(self, timeout_s: float, on_unreachable: Callable[[Engine], None], max_connections: int = 1024):
+    def __init__(
+        self,
+        timeout_s: float,
+        on_unreachable: Callable[[Engine], None],
+        max_connections: int = 1024,
+        headers: Mapping[str, str] | None = None,  # the engine key, on every request
+    ):
         self._timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=timeout_s)
         self._on_unreachable = on_unreachable
         self._session = aiohttp.ClientSession(
@@ -65,6 +71,7 @@ class EngineChat:
             # The engine sets no cookies; none may ever pass from one tenant's request to another's.
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=self._timeout,
+            headers=headers,
         )
 
     async def close(self) -> None:
@@ -102,7 +109,7 @@ async def _failure(engine: Engine, response: aiohttp.ClientResponse) -> LoragErr
     payload = payload if isinstance(payload, dict) else {}
     error = payload.get("error") if isinstance(payload.get("error"), dict) else payload
     message = str(error.get("message") or text[:500] or "no message")
-    if 400 <= response.status < 500:
+    if 400 <= response.status < 500 and response.status != 401:  # 401: it refused our engine key
         return EngineRejected(response.status, message, error.get("param"))
     log.error("engine %s answered %d: %s", engine.name, response.status, message)
     return EngineError(f"the engine failed ({response.status}): {message}")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import os
+import secrets
 import socket
 from dataclasses import dataclass, field
 
+from service.engine import guard
 from service.settings import Settings
 
 
@@ -23,7 +25,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch_spec(settings: Settings, port: int | None = None) -> LaunchSpec:
+def engine_key(settings: Settings) -> str | None:
+    """The key lorag sends to its engines: LORAG_ENGINE_API_KEY, else in embedded mode a new
+    random one for this start (the engine is started with it), else none."""
+    if settings.engine_api_key is not None:
+        return settings.engine_api_key.get_secret_value()
+    return secrets.token_urlsafe(32) if settings.embedded else None
+
+
+def launch_spec(settings: Settings, key: str, port: int | None = None) -> LaunchSpec:
+    """The engine's command line and environment; it answers only requests that carry `key`."""
     port = port or free_port()
     argv = [
         settings.engine_python,
@@ -41,10 +52,15 @@ def launch_spec(settings: Settings, port: int | None = None) -> LaunchSpec:
         "--max-loras", str(settings.engine_max_loras),
         "--max-lora-rank", str(settings.engine_max_lora_rank),
         "--disable-uvicorn-access-log",
+        # The engine key on every route but /health (vLLM's own check covers /v1 only); the
+        # engine's interpreter imports it, so lorag must be installed there (stdlib only).
+        "--middleware", f"{guard.__name__}.{guard.EngineGuard.__name__}",
         *settings.engine_args,
     ]
     env = {
         **os.environ,
+        # In the environment, not argv: every local user can read a process's argv.
+        guard.KEY_VARIABLE: key,
         "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",
         "VLLM_CPU_KVCACHE_SPACE": str(settings.engine_kv_cache_gib),
         # Weights come from local directories only.

@@ -13,6 +13,8 @@ import httpx
 from service.engine.pool import Engine
 
 _ADMIN_TIMEOUT = httpx.Timeout(120.0, connect=5.0)
+KEY_REFUSED = ("the engine refused lorag's engine key: set LORAG_ENGINE_API_KEY to the key the engine was "
+               "started with (its VLLM_API_KEY)")
 
 
 class EngineCallFailed(Exception):
@@ -65,6 +67,8 @@ class LoraEndpoints:
             response = await self._http.request(method, f"{engine.url}{path}", json=body, timeout=_ADMIN_TIMEOUT)
         except httpx.HTTPError as exc:
             raise EngineCallFailed(f"{engine.name}: {path} failed: {exc!r}") from exc
+        if response.status_code == 401:
+            raise EngineCallFailed(f"{engine.name}: {path} answered 401: {KEY_REFUSED}", 401, KEY_REFUSED)
         if response.status_code != 200:
             detail = response.text[:500]
             raise EngineCallFailed(f"{engine.name}: {path} answered {response.status_code}: {detail}",

@@ -135,7 +135,8 @@ class EnginePool:
                 # An engine that was serving keeps serving (requests go only where their adapter is
                 # loaded); one coming up waits for the next probe.
                 log.warning("engine %s answers but its adapters could not be synced: %s", engine.name, exc)
-                up = was_up and self._still_up(engine, None)
+                # An engine that refuses our key refuses every request too: out at once.
+                up = was_up and self._still_up(engine, None) and getattr(exc, "status", None) != 401
         engine.up = up
         if was_up != up and self._supervisor is None:
             log.warning("engine %s (%s) is %s", engine.name, engine.url, "up" if up else "down")

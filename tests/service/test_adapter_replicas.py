@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -20,7 +21,8 @@ from tests.gateway import Replica
 @pytest.fixture(scope="module")
 def replicas(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[Replica]]:
     logs = tmp_path_factory.mktemp("replicas")
-    started = [Replica(tiny_model, MODEL_NAME).start(logs) for _ in range(2)]
+    key = secrets.token_urlsafe()  # LORAG_ENGINE_API_KEY is one key for every replica
+    started = [Replica(tiny_model, MODEL_NAME, key).start(logs) for _ in range(2)]
     try:
         for replica in started:
             replica.wait_ready()
@@ -44,8 +46,8 @@ def ready_engines(client: TestClient) -> set[str]:
 def test_replicas_follow_activations_drop_strays_and_recover_after_a_kill(replicas, tiny_model, tmp_path):
     v1_dir = make_adapter(tiny_model, tmp_path / "v1", seed=1)
     v2_dir = make_adapter(tiny_model, tmp_path / "v2", seed=2)
-    settings = Settings(engine_urls=",".join(r.url for r in replicas), model=tiny_model, model_name=MODEL_NAME,
-                        home=tmp_path / "home")
+    settings = Settings(engine_urls=",".join(r.url for r in replicas), engine_api_key=replicas[0].key,
+                        model=tiny_model, model_name=MODEL_NAME, home=tmp_path / "home")
     ask = {"model": "fleet", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
 
     with TestClient(create_app(settings)) as client:
@@ -65,7 +67,7 @@ def test_replicas_follow_activations_drop_strays_and_recover_after_a_kill(replic
             assert response.status_code == 200 and response.json()["model"] == f"fleet@{v2}", response.text
 
         # Drift: an adapter loaded behind the gateway's back is unloaded by the sync loop.
-        stray = httpx.post(f"{replicas[0].url}/v1/load_lora_adapter",
+        stray = httpx.post(f"{replicas[0].url}/v1/load_lora_adapter", headers=replicas[0].headers,
                            json={"lora_name": "stray", "lora_path": str(v1_dir)}, timeout=60)
         assert stray.status_code == 200, stray.text
         eventually(lambda: "stray" not in replicas[0].adapters(), what="stray adapter unloaded")
@@ -83,7 +85,8 @@ def test_replicas_follow_activations_drop_strays_and_recover_after_a_kill(replic
 
     # lorag restarted over fresh replicas: the registry is kept and the active version reloaded.
     for replica in replicas:
-        httpx.post(f"{replica.url}/v1/unload_lora_adapter", json={"lora_name": f"fleet@{v2}"}, timeout=60)
+        httpx.post(f"{replica.url}/v1/unload_lora_adapter", json={"lora_name": f"fleet@{v2}"}, headers=replica.headers,
+                   timeout=60)
         assert replica.adapters() == set()
     with TestClient(create_app(settings)) as client:
         state = client.get("/v1/adapters/fleet").json()

@@ -88,7 +88,7 @@ def answer(gateway, model: str, **extra) -> tuple[str, str]:
 
 
 def engine_adapters(gateway) -> set[str]:
-    models = httpx.get(f"{gateway.engine_url()}/v1/models", timeout=10).json()["data"]
+    models = httpx.get(f"{gateway.engine_url()}/v1/models", headers=gateway.engine_headers(), timeout=10).json()["data"]
     return {m["id"] for m in models if m.get("parent")}
 
 

@@ -159,7 +159,7 @@ def test_the_schema_lists_the_forwarded_fields(gateway):
 
 def test_limits_are_enforced_before_the_engine_sees_the_request(gateway):
     def engine_requests() -> float:
-        metrics = httpx.get(f"{gateway.engine_url()}/metrics").text
+        metrics = httpx.get(f"{gateway.engine_url()}/metrics", headers=gateway.engine_headers()).text
         return sum(float(line.split()[-1]) for line in metrics.splitlines() if line.startswith("vllm:request_success_total"))
 
     httpx.post(f"{gateway.url}/v1/chat/completions", json={**ASK, "max_tokens": 1})
@@ -173,7 +173,7 @@ def test_limits_are_enforced_before_the_engine_sees_the_request(gateway):
 
 def engine_metric(gateway, name: str) -> float:
     """A metric of the session's engine (vLLM's own /metrics)."""
-    return sample(httpx.get(f"{gateway.engine_url()}/metrics").text, name)
+    return sample(httpx.get(f"{gateway.engine_url()}/metrics", headers=gateway.engine_headers()).text, name)
 
 
 def wait_engine_idle(gateway) -> None:

@@ -17,7 +17,7 @@ ASK = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "hi"}], "ma
 def test_external_mode_serves_through_listed_engines_and_starts_none(gateway, tiny_model, tmp_path):
     # LORAG_MODEL: the served tokenizer, which tells the gateway the special tokens to keep out of text.
     settings = Settings(engine_urls=f"http://127.0.0.1:{free_port()}, {gateway.engine_url()}",
-                        model_name=MODEL_NAME, home=tmp_path, model=tiny_model)
+                        engine_api_key=gateway.engine_key(), model_name=MODEL_NAME, home=tmp_path, model=tiny_model)
     with TestClient(create_app(settings)) as client:
         ready = client.get("/readyz")
         assert ready.status_code == 200
@@ -32,7 +32,8 @@ def test_external_mode_serves_through_listed_engines_and_starts_none(gateway, ti
 
 def test_external_mode_without_the_served_tokenizer_refuses_chat(gateway, tmp_path):
     # Without it the gateway cannot know which text would tokenize as a turn marker: 503, not a forged turn.
-    settings = Settings(engine_urls=gateway.engine_url(), model_name=MODEL_NAME, home=tmp_path)
+    settings = Settings(engine_urls=gateway.engine_url(), engine_api_key=gateway.engine_key(), model_name=MODEL_NAME,
+                        home=tmp_path)
     with TestClient(create_app(settings)) as client:
         assert client.get("/readyz").status_code == 200
         response = client.post("/v1/chat/completions", json=ASK)

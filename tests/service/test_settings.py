@@ -35,7 +35,7 @@ def test_default_model_is_the_demo_model_under_home(tmp_path):
 
 
 def test_engine_is_launched_on_loopback_with_runtime_lora(tmp_path):
-    spec = launch_spec(Settings(model=tmp_path, engine_max_lora_rank=16, engine_args="--seed 7"), port=4321)
+    spec = launch_spec(Settings(model=tmp_path, engine_max_lora_rank=16, engine_args="--seed 7"), "k3y", port=4321)
     argv = " ".join(spec.argv)
     assert "--host 127.0.0.1 --port 4321" in argv
     assert "--enable-lora" in argv and "--max-lora-rank 16" in argv

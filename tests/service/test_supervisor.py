@@ -111,7 +111,7 @@ def test_engine_killed_mid_stream_ends_streams_cleanly_then_recovers(gateway, ti
     assert recovered_in < 120
     assert gateway.engine().pid != engine.pid
     # Ready means synced: the new engine had the active adapter before it took traffic.
-    loaded = httpx.get(f"{gateway.engine_url()}/v1/models").json()["data"]
+    loaded = httpx.get(f"{gateway.engine_url()}/v1/models", headers=gateway.engine_headers()).json()["data"]
     assert served in {m["id"] for m in loaded}
     again = httpx.post(f"{gateway.url}/v1/chat/completions", json={**LONG_STREAM, "stream": False, "max_tokens": 2})
     assert again.status_code == 200, again.text

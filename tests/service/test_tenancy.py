@@ -282,7 +282,7 @@ def test_each_tenant_has_its_own_adapter_of_the_same_name(tenancy_gateway, as_a,
 
 def _prefix_cache_hits(gw) -> float:
     """Prompt tokens vLLM found in its prefix cache, so far."""
-    metrics = httpx.get(f"{gw.engine_url()}/metrics").text
+    metrics = httpx.get(f"{gw.engine_url()}/metrics", headers=gw.engine_headers()).text
     return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
                if line.startswith("vllm:prefix_cache_hits_total"))
 
