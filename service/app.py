@@ -67,9 +67,11 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
             stack.callback(registry.close)
             keys = KeyStore(settings.store_path)
             stack.callback(keys.close)
-            app.state.guard = Guard(keys, settings.auth_required)
+            app.state.guard = Guard(keys, settings.auth_required, settings.metrics_key_required)
             if not settings.auth_required:
                 log.warning("API keys are not required (LORAG_AUTH=%s, listening on %s)", settings.auth, settings.host)
+            if settings.auth_required and not settings.metrics_key_required:
+                log.warning("/metrics needs no key (LORAG_METRICS_AUTH=open): it shows every tenant's adapters and traffic")
             if settings.embedded:
                 supervisor = EngineSupervisor(
                     lambda: launch_spec(settings, key),
@@ -105,6 +107,7 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
             retrieval = Retrieval(kb, builder, settings, query_encoder)
             stack.push_async_callback(retrieval.close)
             app.state.knowledge = KnowledgeService(kb, settings)
+            adapters.set_knowledge(app.state.knowledge)  # before any request: uploads check their rag.collection
             app.state.engines = engines
             app.state.catalog = catalog
             app.state.adapters = adapters

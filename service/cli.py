@@ -65,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = key_commands.add_parser("create", help="make a key; it is printed once and stored only hashed")
     create.add_argument("--tenant", required=True)
-    create.add_argument("--scopes", required=True, help="comma-separated: chat,knowledge:read,knowledge:write,adapters:admin")
+    create.add_argument("--scopes", required=True, help="comma-separated: chat,knowledge:read,knowledge:write,"
+                        "adapters:admin,metrics (metrics: the operator's, reads every tenant's /metrics)")
     create.add_argument("--max-inflight", type=int, metavar="N",
                         help="chat requests the tenant may have in flight when calling with this key, instead of "
                         "LORAG_TENANT_MAX_INFLIGHT (0: no limit)")

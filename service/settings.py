@@ -66,6 +66,11 @@ class Settings(BaseSettings):
         description="API keys required: 'auto' = on unless the gateway listens on loopback only; "
         "'off' is refused on any other address.",
     )
+    metrics_auth: Literal["auto", "key", "open"] = Field(
+        "auto",
+        description="/metrics (every tenant's adapter names, versions and traffic) needs a key with the "
+        "'metrics' scope: 'auto' = when API keys are required, 'key' = always, 'open' = never.",
+    )
 
     # Base model
     model: Path | None = Field(
@@ -175,6 +180,10 @@ class Settings(BaseSettings):
     @property
     def auth_required(self) -> bool:
         return self.auth == "on" or (self.auth == "auto" and not self.loopback)
+
+    @property
+    def metrics_key_required(self) -> bool:
+        return self.metrics_auth == "key" or (self.metrics_auth == "auto" and self.auth_required)
 
     @field_validator("home")
     @classmethod

@@ -51,7 +51,7 @@ class ActivationOut(BaseModel):
     object: Literal["adapter.activation"] = "adapter.activation"
     adapter: str
     active: str
-    served_name: str
+    served_name: str = Field(description="`name@version` of the active version: what `model` may name to pin it.")
     previous: str | None
     changed: bool = Field(description="false when the version was already active.")
     engines: dict[str, bool] = Field(description="Engine name → loaded there.")

@@ -25,6 +25,7 @@ from typing import Any
 
 from anyio import to_thread
 
+from knowledge.errors import CollectionNotFound, InvalidCollectionName
 from service.adapters.archive import copy_folder, unpack
 from service.adapters.inspection import BaseModelInfo, inspect_adapter
 from service.adapters.leases import Lease, Leases
@@ -32,6 +33,7 @@ from service.adapters.registry import STAGING, VERSION_CHARS, Adapter, Registry,
 from service.engine.lora import EngineCallFailed, LoraEndpoints
 from service.engine.pool import Engine, EnginePool
 from service.errors import ActivationFailed, AdapterConflict, AdapterRejected, EngineUnavailable, InvalidRequest
+from service.knowledge.service import KnowledgeService
 from service.metrics import Metrics
 from service.models.catalog import Target
 from service.settings import Settings
@@ -65,6 +67,7 @@ class AdapterService:
         self._lora = lora
         self._base = base
         self._metrics = metrics
+        self._knowledge: KnowledgeService | None = None  # set once the knowledge base is open
         self.leases = Leases()
         self._changing = asyncio.Lock()  # one registry change (activation, registration, delete) at a time
         self._retiring: set[asyncio.Task] = set()
@@ -72,6 +75,10 @@ class AdapterService:
     @property
     def registry(self) -> Registry:
         return self._registry
+
+    def set_knowledge(self, knowledge: KnowledgeService) -> None:
+        """The knowledge base an upload's declared rag.collection is looked up in."""
+        self._knowledge = knowledge
 
     async def close(self) -> None:
         for task in self._retiring:
@@ -129,6 +136,7 @@ class AdapterService:
                     f"the upload could not be read ({exc.__class__.__name__}: {exc}); send a plain .tar.gz "
                     "or .zip of the adapter files", code="unreadable_upload"
                 ) from None
+            await self._check_collection(tenant, facts.rag)
             if facts.base_fingerprint is None:  # validated against the served base: record which one
                 facts = dataclasses.replace(facts, base_fingerprint=self._base.fingerprint)
             existing = self._registry.find(tenant, name)
@@ -233,7 +241,7 @@ class AdapterService:
         return {
             **version.facts,
             "version": version.version,
-            "served_name": version.served,
+            "served_name": version.pinned,  # what the client may pin; the engine-side key names the tenant
             "active": adapter is not None and adapter.active == version.version,
             "created": version.created,
             "engines": self._where(version.served),
@@ -241,6 +249,22 @@ class AdapterService:
         }
 
     # Internals
+
+    async def _check_collection(self, tenant: str, rag: dict | None) -> None:
+        """Refuse an adapter whose lorag.json names a collection the tenant does not have: every chat
+        with it would be answered 404."""
+        name = (rag or {}).get("collection")
+        if name is None:
+            return
+        assert self._knowledge is not None, "set_knowledge runs before the app serves"
+        try:
+            await self._knowledge.get_collection(name, tenant=tenant)
+        except (CollectionNotFound, InvalidCollectionName):
+            known = ", ".join(c["name"] for c in await self._knowledge.list_collections(tenant=tenant)) or "none"
+            raise AdapterRejected(
+                f"lorag.json: rag.collection {name!r} is not one of your collections (you have: {known}); "
+                "create it first, or name one you have", code="unknown_collection",
+            ) from None
 
     async def _load_on(self, engines: list[Engine], version: Version, raise_unreachable: bool = False) -> list[str]:
         """Load a version on each engine (concurrently); the failures, one message per engine."""
@@ -353,7 +377,7 @@ class AdapterService:
         return {
             "adapter": target.name,
             "active": target.version,
-            "served_name": target.served,
+            "served_name": target.pinned,
             "previous": previous,
             "changed": changed,
             "engines": self._where(target.served),

@@ -20,13 +20,15 @@ _SEARCH = re.compile(r"/v1/collections/[^/]+/search")
 
 
 class Guard:
-    def __init__(self, keys: KeyStore, required: bool):
+    def __init__(self, keys: KeyStore, required: bool, metrics_required: bool):
         self._keys = keys
         self.required = required
+        # /metrics has its own setting (LORAG_METRICS_AUTH): it may be open with keys on, or keyed with them off.
+        self.metrics_required = metrics_required
 
     async def check(self, credentials: HTTPAuthorizationCredentials | None, scope: str) -> ApiKey | None:
-        """The caller's key (None with auth off); Unauthorized or Forbidden otherwise."""
-        if not self.required:
+        """The caller's key (None when the scope needs none); Unauthorized or Forbidden otherwise."""
+        if not (self.metrics_required if scope == "metrics" else self.required):
             return None
         if credentials is None:
             raise Unauthorized("no API key: send 'Authorization: Bearer <key>' (keys come from `lorag keys create`)",

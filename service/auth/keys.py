@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-SCOPES = ("chat", "knowledge:read", "knowledge:write", "adapters:admin")
+# "metrics" is the operator's: it reads every tenant's series on /metrics, whichever tenant the key is for.
+SCOPES = ("chat", "knowledge:read", "knowledge:write", "adapters:admin", "metrics")
 TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _KEY = re.compile(r"lorag_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 

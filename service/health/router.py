@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from service.auth.guard import require
 from service.dependencies import get_engines, get_metrics
 from service.engine.pool import EnginePool
 from service.errors import envelope
@@ -30,8 +31,14 @@ async def readyz(engines: Annotated[EnginePool, Depends(get_engines)]) -> JSONRe
     return JSONResponse({**body, "status": "not ready", "engines": states}, status_code=503)
 
 
-@router.get("/metrics", response_class=Response, responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+@router.get(
+    "/metrics",
+    response_class=Response,
+    dependencies=[require("metrics")],
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {}}},
+               401: {"description": "No valid key, where LORAG_METRICS_AUTH asks for one."},
+               403: {"description": "The key lacks the 'metrics' scope."}},
+)
 async def metrics(registry: Annotated[Metrics, Depends(get_metrics)]) -> Response:
-    """Prometheus metrics per tenant and adapter version: requests, tokens, latency, time to first
-    token; retrieval stages, queue depth, engines up, adapter load times."""
+    """Prometheus metrics of every tenant (operator's 'metrics' scope): requests, tokens, latency, queue, engines."""
     return Response(registry.exposition(), media_type=CONTENT_TYPE_LATEST)

@@ -141,6 +141,18 @@ def test_upload_activate_route_roll_back_and_delete(gateway, made, tiny_model):
     assert 'lorag_adapter_load_seconds_count{adapter="legal",tenant="default"' in metrics
 
 
+def test_an_adapter_declaring_a_collection_its_tenant_lacks_is_refused_at_upload(gateway, made, tmp_path):
+    # Accepted, every chat with it would be a 404 for the collection: refused now, with the name to fix.
+    # (Once the collection exists the upload is accepted: test_rag_chat's adapter declares one.)
+    folder = shutil.copytree(made["v1"], tmp_path / "archivist")
+    (folder / "lorag.json").write_text(json.dumps({"rag": {"collection": "not-made-yet", "top_k": 2}}))
+    refused = error(upload(gateway, "archivist", pack(folder)), 422)
+    assert refused["code"] == "unknown_collection" and "'not-made-yet'" in refused["message"], refused
+    assert error(httpx.get(url(gateway, "/v1/adapters/archivist")), 404)["code"] == "adapter_not_found"
+    assert not (gateway.home / "adapters" / "archivist").exists()  # nothing stored
+    assert not any("archivist" in name for name in engine_adapters(gateway))  # refused before the canary
+
+
 def _tar(*members: tuple[tarfile.TarInfo, bytes]) -> bytes:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as archive:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 import re
@@ -13,18 +14,23 @@ from pathlib import Path
 
 import pytest
 from fastapi.routing import APIRoute
+from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.testclient import TestClient
 
 import service
 from service import Settings, create_app
+from service.auth.guard import Guard
 from service.auth.keys import SCOPES, KeyStore
+from service.errors import Unauthorized
 from service.engine.launcher import free_port
 from tests.conftest import MODEL_NAME
 
-OPEN = {"/healthz", "/readyz", "/metrics", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+OPEN = {"/healthz", "/readyz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
 
 
 def needed_scope(method: str, path: str) -> str:
+    if path == "/metrics":
+        return "metrics"
     if path.startswith("/v1/adapters"):
         return "adapters:admin"
     if path.startswith("/v1/collections"):
@@ -80,11 +86,36 @@ def test_every_api_route_needs_a_valid_key_with_its_scope(app_and_home):
     store.close()
 
 
-def test_health_and_metrics_stay_open(app_and_home):
-    client, _ = app_and_home
+def test_health_stays_open_and_metrics_take_the_operators_scope(app_and_home):
+    client, home = app_and_home
     assert client.get("/healthz").status_code == 200
-    assert client.get("/metrics").status_code == 200
     assert client.get("/readyz").status_code == 503  # no engine here, but no key is asked for
+    store = KeyStore(home / "lorag.db")
+    _, operator = store.create("ops", ["metrics"])
+    store.close()
+    scraped = client.get("/metrics", headers={"Authorization": f"Bearer {operator}"})  # as Prometheus scrapes
+    assert scraped.status_code == 200 and "lorag_engine_up" in scraped.text
+
+
+def test_metrics_auth_setting_decides_whether_metrics_need_a_key(tmp_path):
+    # auto: a key exactly when API keys are required; key: always (even on loopback); open: never.
+    cases = {("auto", "127.0.0.1"): False, ("auto", "0.0.0.0"): True, ("key", "127.0.0.1"): True,
+             ("open", "0.0.0.0"): False}
+    for (mode, host), wanted in cases.items():
+        assert Settings(metrics_auth=mode, host=host).metrics_key_required is wanted, (mode, host)
+    store = KeyStore(tmp_path / "lorag.db")
+    _, token = store.create("ops", ["metrics"])
+    operator = HTTPAuthorizationCredentials(scheme="Bearer", credentials=token)
+    keyed_metrics_only = Guard(store, required=False, metrics_required=True)
+    assert asyncio.run(keyed_metrics_only.check(None, "chat")) is None
+    with pytest.raises(Unauthorized):
+        asyncio.run(keyed_metrics_only.check(None, "metrics"))
+    assert asyncio.run(keyed_metrics_only.check(operator, "metrics")).tenant == "ops"
+    open_metrics = Guard(store, required=True, metrics_required=False)
+    assert asyncio.run(open_metrics.check(None, "metrics")) is None
+    with pytest.raises(Unauthorized):
+        asyncio.run(open_metrics.check(None, "chat"))
+    store.close()
 
 
 def lorag(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:

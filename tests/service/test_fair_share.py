@@ -51,7 +51,9 @@ def fair_gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     assert created.returncode == 0, created.stderr
     tokens["tenant-e"] = created.stdout.splitlines()[-1]
     env = {**LIMITS, "LORAG_MODEL_NAME": MODEL_NAME, "LORAG_AUTH": "on", "LORAG_ENGINE_MAX_MODEL_LEN": "1024",
-           "LORAG_TENANT_MAX_INFLIGHT": str(MAX_INFLIGHT), "LORAG_TENANT_TOKENS_PER_MINUTE": str(BUDGET)}
+           "LORAG_TENANT_MAX_INFLIGHT": str(MAX_INFLIGHT), "LORAG_TENANT_TOKENS_PER_MINUTE": str(BUDGET),
+           # The counts are read from /metrics with the tenants' chat keys (test_tenancy checks the metrics key).
+           "LORAG_METRICS_AUTH": "open"}
     gw = Gateway(tiny_model, home, env=env).start()
     try:
         gw.wait_ready()

@@ -20,6 +20,7 @@ import pytest
 from service.auth.keys import SCOPES, KeyStore
 from tests.adapters import make_adapter, pack
 from tests.conftest import LIMITS, MODEL_NAME
+from tests.envelope import envelope_error
 from tests.gateway import Gateway
 
 # Tenant A's data; none of these strings may appear in anything tenant B is told.
@@ -33,6 +34,8 @@ LEAKS = [SECRET, "board approval", "Mooring fees", "acme-private", *A_DOCS]
 
 # Tenant B's own collection of the same name.
 B_TEXT = "Tenant B rents a warehouse by the river."
+# What a tenant is given: every scope but the operator's `metrics` (every tenant's series).
+TENANT_SCOPES = [scope for scope in SCOPES if scope != "metrics"]
 
 
 @dataclass(frozen=True)
@@ -77,11 +80,12 @@ FAMILIES = {
 
 @pytest.fixture(scope="module")
 def tenancy_gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    """A gateway with auth on and an all-scope key for each of two tenants; A's resources made:
-    (gateway, tokens, A's adapter version)."""
+    """A gateway with auth on, a key with every tenant scope for each of two tenants and the
+    operator's metrics key; A's resources made: (gateway, tokens, A's adapter version)."""
     home = tmp_path_factory.mktemp("tenancy-home")
     store = KeyStore(home / "lorag.db")
-    tokens = {tenant: store.create(tenant, list(SCOPES))[1] for tenant in ("tenant-a", "tenant-b")}
+    tokens = {tenant: store.create(tenant, TENANT_SCOPES)[1] for tenant in ("tenant-a", "tenant-b")}
+    tokens["operator"] = store.create("ops", ["metrics"])[1]
     store.close()
     env = {**LIMITS, "LORAG_MODEL_NAME": MODEL_NAME, "LORAG_AUTH": "on", "LORAG_ENGINE_MAX_MODEL_LEN": "1024"}
     gw = Gateway(tiny_model, home, env=env).start()
@@ -252,15 +256,21 @@ def test_another_tenants_adapter_and_collection_are_missing_to_chat_and_models(t
 
 
 def test_each_tenant_has_its_own_adapter_of_the_same_name(tenancy_gateway, as_a, as_b, tiny_model, tmp_path):
-    gw, _, a_version = tenancy_gateway
+    gw, tokens, a_version = tenancy_gateway
     mine = as_b.post("/v1/adapters/legal/versions", params={"activate": "true"},
                      files={"file": ("b.tar.gz", pack(make_adapter(tiny_model, tmp_path / "b", seed=7)))})
     assert mine.status_code == 201, mine.text
     b_version = mine.json()["version"]["version"]
     assert b_version != a_version
     try:
+        # The adapter API names a version as chat takes it, never by the engine-side key.
+        pinned = f"legal@{b_version}"
+        assert mine.json()["version"]["served_name"] == mine.json()["activation"]["served_name"] == pinned
         assert [a["name"] for a in as_b.get("/v1/adapters").json()["data"]] == ["legal"]
-        assert [v["version"] for v in as_b.get("/v1/adapters/legal").json()["versions"]] == [b_version]
+        versions = as_b.get("/v1/adapters/legal").json()["versions"]
+        assert [(v["version"], v["served_name"]) for v in versions] == [(b_version, pinned)]
+        assert chat(as_b, pinned).json()["model"] == pinned
+        assert "tenant-b/" not in as_b.post("/v1/adapters/legal/activate", json={"version": b_version}).text
         assert chat(as_b, "legal").json()["model"] == f"legal@{b_version}"
         assert chat(as_a, "legal").json()["model"] == f"legal@{a_version}"
         # B cannot pin A's version through its own adapter of the same name.
@@ -271,13 +281,38 @@ def test_each_tenant_has_its_own_adapter_of_the_same_name(tenancy_gateway, as_a,
             refused = as_b.post("/v1/adapters/stolen/versions", data={"path": path})
             assert refused.status_code == 400 and refused.json()["error"]["param"] == "path", refused.text
         assert as_b.get("/v1/adapters/stolen").status_code == 404
-        metrics = httpx.get(f"{gw.url}/metrics").text
+        metrics = httpx.get(f"{gw.url}/metrics", headers=auth(tokens["operator"])).text
         for tenant, version in (("tenant-a", a_version), ("tenant-b", b_version)):
             assert f'adapter="legal",outcome="ok",tenant="{tenant}",version="{version}"' in metrics
     finally:
         assert as_b.delete("/v1/adapters/legal").status_code == 200
     assert as_a.get("/v1/adapters/legal").json()["active"] == a_version
     assert chat(as_a, "legal").json()["model"] == f"legal@{a_version}"
+
+
+def test_metrics_are_the_operators_not_a_tenants(tenancy_gateway, as_b):
+    # Every tenant's adapter names, versions and traffic: not for a tenant's key, whatever else it may do.
+    gw, tokens, a_version = tenancy_gateway
+    assert envelope_error(httpx.get(f"{gw.url}/metrics"), 401)["code"] == "missing_api_key"
+    refused = as_b.get("/metrics")
+    error = envelope_error(refused, 403)
+    assert error["code"] == "missing_scope" and "'metrics'" in error["message"]
+    assert_no_leak(refused, "GET /metrics", [a_version, "tenant-a"])
+    scraped = httpx.get(f"{gw.url}/metrics", headers=auth(tokens["operator"]))
+    assert scraped.status_code == 200 and f'tenant="tenant-a",version="{a_version}"' in scraped.text
+
+
+def test_an_adapter_may_declare_only_its_own_tenants_collection(tenancy_gateway, as_b, tiny_model, tmp_path):
+    folder = make_adapter(tiny_model, tmp_path / "b-clerk", seed=8)
+
+    def declaring(collection: str) -> httpx.Response:
+        (folder / "lorag.json").write_text(json.dumps({"rag": {"collection": collection}}))
+        return as_b.post("/v1/adapters/clerk/versions", files={"file": ("b.tar.gz", pack(folder))})
+
+    theirs, missing = declaring(COLLECTION), declaring("nothing-here")
+    assert envelope_error(theirs, 422)["code"] == "unknown_collection"
+    assert theirs.text == missing.text.replace("nothing-here", COLLECTION)  # A's is as missing as none
+    assert as_b.get("/v1/adapters/clerk").status_code == 404
 
 
 def _prefix_cache_hits(gw) -> float:
