@@ -45,7 +45,8 @@ def test_chat_without_max_tokens_gets_the_service_limit(gateway):
 
 def test_chat_streaming_sends_whole_sse_chunks_then_done(gateway):
     with httpx.stream(
-        "POST", f"{gateway.url}/v1/chat/completions", json={**ASK, "max_tokens": 5, "ignore_eos": True, "stream": True}
+        "POST", f"{gateway.url}/v1/chat/completions",
+        json={**ASK, "max_tokens": 5, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}},
     ) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
@@ -54,11 +55,12 @@ def test_chat_streaming_sends_whole_sse_chunks_then_done(gateway):
     assert payloads[-1] == "[DONE]"
     chunks = payloads[:-1]
     assert all(c["object"] == "chat.completion.chunk" and c["model"] == MODEL_NAME for c in chunks)
-    # One chunk per token after the role chunk; a token that ends mid-UTF-8 character has
-    # empty content (the tiny model's byte-level tokens do that), so chunks are counted, not text.
+    # About one chunk per token after the role chunk: vLLM merges a request's tokens into one
+    # chunk when its server falls behind (seen under load), so the usage chunk counts them.
     tokens = [c for c in chunks if c["choices"] and "role" not in c["choices"][0]["delta"]]
-    assert len(tokens) == 5
-    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert 1 <= len(tokens) <= 5
+    assert tokens[-1]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 5
 
 
 def test_official_openai_client_chats_streams_and_lists_models(gateway):
@@ -74,10 +76,13 @@ def test_official_openai_client_chats_streams_and_lists_models(gateway):
     assert completion.usage.completion_tokens == 4
 
     stream = client.chat.completions.create(
-        model=MODEL_NAME, messages=ASK["messages"], max_tokens=4, stream=True, extra_body={"ignore_eos": True}
+        model=MODEL_NAME, messages=ASK["messages"], max_tokens=4, stream=True, extra_body={"ignore_eos": True},
+        stream_options={"include_usage": True},
     )
-    pieces = [chunk.choices[0].delta.content for chunk in stream if chunk.choices and not chunk.choices[0].delta.role]
-    assert len(pieces) == 4 and "".join(pieces)
+    chunks = list(stream)
+    pieces = [chunk.choices[0].delta.content for chunk in chunks if chunk.choices and not chunk.choices[0].delta.role]
+    assert 1 <= len(pieces) <= 4 and "".join(pieces)  # vLLM may merge tokens into one chunk under load
+    assert chunks[-1].usage.completion_tokens == 4
 
 
 def test_openai_client_sees_gateway_errors_as_api_errors(gateway):
