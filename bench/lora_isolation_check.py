@@ -8,7 +8,9 @@ applied, so one tenant's base-model chat may carry another tenant's adapter. Thi
 a bare vLLM the way lorag starts its own (the tiny demo model, five adapters loaded, two
 different weight sets), takes each answer alone (greedy, so deterministic), then asks the
 base model again while three long streams use one adapter, for each adapter. Written:
-per adapter, whether the base answer beside it equals the base answer alone.
+per adapter, whether the base answer beside it equals the base answer alone. The mix-up
+depends on timing: it was seen twice in a row with this sequence, and one later run of this
+script came out clean (`bench/results/lora_isolation.json`), so run it several times.
 """
 
 from __future__ import annotations
