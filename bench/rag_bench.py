@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -35,11 +34,11 @@ import psutil
 from transformers import AutoTokenizer
 
 from bench import machine
+from bench.demo_gateway import run_on_demo_gateway
 from bench.knowledge_bench import percentile
 from knowledge.prompting import PromptBuilder
 from service.settings import Settings
 from tests.gateway import Gateway
-from training.demo.base import build_base
 from training.demo.corpus import corpus
 
 MODEL = "lorag-demo"
@@ -86,18 +85,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/rag.json"))
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp)
-        model = build_base(home / "models" / "demo-base", variant=args.variant, seed=0)
-        gw = Gateway(model, home, env={"LORAG_MODEL_NAME": MODEL, "LORAG_LOG_LEVEL": "warning"}).start()
-        try:
-            print(f"engine ready after {gw.wait_ready():.0f} s", flush=True)
-            results = bench(gw, args)
-        finally:
-            gw.stop()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results["summary"], indent=2), f"→ {args.out}")
+    run_on_demo_gateway(args.variant, MODEL, lambda gw: bench(gw, args), args.out)
 
 
 def bench(gw: Gateway, args: argparse.Namespace) -> dict:

@@ -20,7 +20,6 @@ import contextlib
 import io
 import json
 import statistics
-import tempfile
 from pathlib import Path
 
 import psutil
@@ -28,8 +27,8 @@ from vllm.benchmarks.serve import add_cli_args, main as vllm_bench
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from bench import machine
+from bench.demo_gateway import run_on_demo_gateway
 from tests.gateway import Gateway
-from training.demo.base import build_base
 
 MODEL = "demo-base"
 
@@ -62,18 +61,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/stream_relay.json"))
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory() as tmp:
-        home = Path(tmp)
-        model = build_base(home / "models" / "demo-base", variant=args.variant, seed=0)
-        gw = Gateway(model, home, env={"LORAG_MODEL_NAME": MODEL, "LORAG_LOG_LEVEL": "warning"}).start()
-        try:
-            print(f"engine ready after {gw.wait_ready():.0f} s", flush=True)
-            results = bench(gw, model, args)
-        finally:
-            gw.stop()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=2) + "\n")
-    print(json.dumps(results["summary"], indent=2), f"→ {args.out}")
+    run_on_demo_gateway(args.variant, MODEL, lambda gw: bench(gw, gw.model, args), args.out)
 
 
 def bench(gw: Gateway, model: Path, args: argparse.Namespace) -> dict:
