@@ -5,12 +5,15 @@
 
 One run starts one `lorag serve` (embedded vLLM, the demo model) and drives it with the
 client that ships in vLLM (`vllm.benchmarks.serve`: backend openai-chat, random dataset,
-128 tokens in, 64 out, ignore_eos, 32 concurrent), in rounds that alternate the target
-(lorag, direct, direct, lorag, ...), so both see the same machine load. No retrieval:
-this measures the gateway's relay (admission, HTTP, the per-frame work), nothing else.
-Reported per round: streamed output tokens/s, failures, and for the lorag rounds the
-gateway process's CPU time per relayed output token (user + system, in microseconds);
-over all rounds: the throughput ratio lorag/direct (target: at least 0.95).
+128 tokens in, 64 out, ignore_eos, 32 concurrent), in rounds that alternate the target,
+so all see the same machine load. No retrieval: this measures the gateway's relay
+(admission, HTTP, the per-frame work), nothing else. The targets: lorag, the engine
+directly, and the engine through `bench.byte_relay`, a relay that copies bytes and
+parses nothing: the most any relay process can keep of direct's throughput here.
+Reported per round: streamed output tokens/s, failures, and the relaying process's CPU
+time per relayed output token (user + system, in microseconds; the gateway's in the
+direct rounds shows it idle); over all rounds: lorag/direct (target: at least 0.95),
+byte relay/direct, and lorag/byte relay.
 """
 
 from __future__ import annotations
@@ -19,8 +22,13 @@ import argparse
 import contextlib
 import io
 import json
+import socket
 import statistics
+import subprocess
+import sys
+import time
 from pathlib import Path
+from urllib.parse import urlparse
 
 import psutil
 from vllm.benchmarks.serve import add_cli_args, main as vllm_bench
@@ -28,6 +36,7 @@ from vllm.utils.argparse_utils import FlexibleArgumentParser
 
 from bench import machine
 from bench.demo_gateway import run_on_demo_gateway
+from service.engine.launcher import free_port
 from tests.gateway import Gateway
 
 MODEL = "demo-base"
@@ -65,22 +74,38 @@ def main() -> None:
 
 
 def bench(gw: Gateway, model: Path, args: argparse.Namespace) -> dict:
-    gateway = psutil.Process(gw.proc.pid)
-    targets = {"lorag": (gw.url, None), "direct": (gw.engine_url(), gw.engine_headers())}  # the engine wants its key
+    engine = urlparse(gw.engine_url())
+    relay_port = free_port()
+    relay = subprocess.Popen([sys.executable, "-m", "bench.byte_relay", engine.hostname, str(engine.port), str(relay_port)])
+    try:
+        _wait_listening(relay_port)
+        gateway = psutil.Process(gw.proc.pid)  # the gateway alone; its engine child is not counted
+        targets = {  # name: url, headers, the process that relays
+            "lorag": (gw.url, None, gateway),
+            "direct": (gw.engine_url(), gw.engine_headers(), gateway),  # the engine wants its key
+            "byte_relay": (f"http://127.0.0.1:{relay_port}", gw.engine_headers(), psutil.Process(relay.pid)),
+        }
+        return _measure(targets, model, args)
+    finally:
+        relay.kill()
+        relay.wait()
 
-    def cpu_s() -> float:
-        times = gateway.cpu_times()  # the gateway alone; its engine child is not counted
+
+def _measure(targets: dict[str, tuple[str, dict | None, psutil.Process]], model: Path, args: argparse.Namespace) -> dict:
+    def cpu_s(process: psutil.Process) -> float:
+        times = process.cpu_times()
         return times.user + times.system
 
-    for url, headers in targets.values():  # warm-up: first-request costs out of the way on both paths
+    for url, headers, _ in targets.values():  # warm-up: first-request costs out of the way on every path
         run_round(url, model, argparse.Namespace(**{**vars(args), "prompts": args.concurrency}), seed=99, headers=headers)
     rounds: list[dict] = []
+    order = list(targets)
     for r in range(args.rounds):
-        for name in (("lorag", "direct") if r % 2 == 0 else ("direct", "lorag")):
-            before = cpu_s()
-            url, headers = targets[name]
+        for name in (order if r % 2 == 0 else order[::-1]):
+            url, headers, relaying = targets[name]
+            before = cpu_s(relaying)
             result = run_round(url, model, args, seed=r, headers=headers)
-            cpu = cpu_s() - before
+            cpu = cpu_s(relaying) - before
             tokens = result["total_output_tokens"]
             entry = {
                 "target": name,
@@ -90,23 +115,29 @@ def bench(gw: Gateway, model: Path, args: argparse.Namespace) -> dict:
                 "output_tokens": tokens,
                 "median_ttft_ms": round(result["median_ttft_ms"], 1),
                 "median_itl_ms": round(result["median_itl_ms"], 2),
-                # Direct rounds show the gateway idle: the floor under the lorag figure.
-                "gateway_cpu_us_per_token": round(cpu * 1e6 / max(tokens, 1), 1),
+                "relay_cpu_us_per_token": round(cpu * 1e6 / max(tokens, 1), 1),
             }
             rounds.append(entry)
             print(json.dumps(entry), flush=True)
 
-    def mean(name: str, key: str) -> float:
+    def mean(name: str, key: str = "output_tokens_per_s") -> float:
         return statistics.fmean(e[key] for e in rounds if e["target"] == name)
 
-    ratios = [a["output_tokens_per_s"] / b["output_tokens_per_s"]
-              for a, b in zip([e for e in rounds if e["target"] == "lorag"], [e for e in rounds if e["target"] == "direct"])]
+    def per_round(a: str, b: str) -> list[float]:
+        pairs = zip([e for e in rounds if e["target"] == a], [e for e in rounds if e["target"] == b])
+        return [round(x["output_tokens_per_s"] / y["output_tokens_per_s"], 3) for x, y in pairs]
+
     summary = {
-        "throughput_ratio": round(mean("lorag", "output_tokens_per_s") / mean("direct", "output_tokens_per_s"), 3),
-        "throughput_ratio_per_round": [round(x, 3) for x in ratios],
-        "lorag_output_tokens_per_s": round(mean("lorag", "output_tokens_per_s"), 1),
-        "direct_output_tokens_per_s": round(mean("direct", "output_tokens_per_s"), 1),
-        "gateway_cpu_us_per_relayed_token": round(mean("lorag", "gateway_cpu_us_per_token"), 1),
+        "throughput_ratio": round(mean("lorag") / mean("direct"), 3),
+        "throughput_ratio_per_round": per_round("lorag", "direct"),
+        "byte_relay_ratio": round(mean("byte_relay") / mean("direct"), 3),
+        "byte_relay_ratio_per_round": per_round("byte_relay", "direct"),
+        "lorag_to_byte_relay": round(mean("lorag") / mean("byte_relay"), 3),
+        "lorag_output_tokens_per_s": round(mean("lorag"), 1),
+        "direct_output_tokens_per_s": round(mean("direct"), 1),
+        "byte_relay_output_tokens_per_s": round(mean("byte_relay"), 1),
+        "gateway_cpu_us_per_relayed_token": round(mean("lorag", "relay_cpu_us_per_token"), 1),
+        "byte_relay_cpu_us_per_relayed_token": round(mean("byte_relay", "relay_cpu_us_per_token"), 1),
         "failed": sum(e["failed"] for e in rounds),
     }
     summary["targets"] = {"throughput_ratio >= 0.95": summary["throughput_ratio"] >= 0.95}
@@ -122,6 +153,18 @@ def bench(gw: Gateway, model: Path, args: argparse.Namespace) -> dict:
         "rounds": rounds,
         "summary": summary,
     }
+
+
+def _wait_listening(port: int, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
 
 
 if __name__ == "__main__":

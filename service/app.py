@@ -112,7 +112,10 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
             app.state.catalog = catalog
             app.state.adapters = adapters
             app.state.metrics = metrics
-            engine_chat = EngineChat(settings.engine_timeout_s, on_unreachable=engines.mark_down, headers=engine_auth)
+            engine_chat = EngineChat(
+                settings.engine_timeout_s, on_unreachable=engines.mark_down, headers=engine_auth,
+                on_connection=metrics.engine_connections.inc,
+            )
             stack.push_async_callback(engine_chat.close)
             app.state.fair_share = FairShare(settings, metrics)
             app.state.chat = ChatService(

@@ -62,6 +62,11 @@ class Metrics:
             "lorag_tenant_refused", "Chat requests refused for the tenant's fair share; reason is inflight or tokens.",
             ("tenant", "reason"), registry=self.registry,
         )
+        self.engine_connections = Counter(
+            "lorag_engine_connections_opened", "Connections opened to the engines for chat. Streams reuse them: "
+            "a rate that follows the request rate means keep-alive is not holding (each costs a connect).",
+            registry=self.registry,
+        )
         self.adapter_load = Histogram(
             "lorag_adapter_load_seconds", "Time for one engine to load an adapter version.", labels,
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=self.registry,

@@ -232,23 +232,13 @@ class ChatService:
         target = admission.target
         # Another tenant's engine-side name ("acme/legal@v") is shown as the client knows it ("legal@v").
         renamed = (f'"model":"{target.served}"'.encode(), f'"model":"{target.shown}"'.encode())
-        pending = b""
-        done = False
         head: dict[str, Any] | None = None  # id, created, model of the stream, for the citations chunk
         usage: dict[str, Any] | None = None
         outcome = "cancelled"  # unless it completes or breaks: the client went away
         try:
-            # Frames are split on the bytes b"\n\n", never with a text line reader: those also
-            # break lines at U+2028, U+0085 and the like, which JSON leaves raw inside strings.
-            async for block in answer.chunks():
-                *frames, pending = (pending + block).split(b"\n\n")
+            async for events in answer.events():
                 out = []
-                for frame in frames:
-                    if not frame.strip():
-                        continue
-                    if frame == b"data: [DONE]":
-                        done = True
-                        break
+                for frame in events:
                     if renamed[0] != renamed[1]:
                         frame = frame.replace(*renamed)
                     if head is None and grounding is not None and frame.startswith(b"data: {"):
@@ -265,10 +255,6 @@ class ChatService:
                     admission.streamed += len(out)
                     out.append(b"")
                     yield b"\n\n".join(out)
-                if done:
-                    break
-            if not done:
-                raise EngineError("the engine ended the stream before it was complete")
             if grounding is not None:
                 chunk = {**(head or {}), "object": "chat.completion.chunk", "choices": [],
                          "citations": grounding.citations, "rag": grounding.summary}

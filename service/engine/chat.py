@@ -10,6 +10,7 @@ The other engine calls (adapters, health, models) are few and stay on httpx.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -22,9 +23,15 @@ from service.errors import EngineError, EngineRejected, EngineUnavailable, Lorag
 
 log = logging.getLogger("lorag.engine")
 
+_DONE = b"data: [DONE]"
+_FINISH_S = 1.0  # for the end of a body whose last event has arrived
+# An idle engine connection is reused only well inside the engine's own keep-alive (uvicorn's
+# and so vLLM's default: 5 s), so that no request goes out on a connection the engine is closing.
+_KEEPALIVE_S = 3.0
+
 
 class EngineAnswer:
-    """An engine's 200 answer, open: read it whole or iterate its bytes, then `close()`."""
+    """An engine's 200 answer, open: read it whole (`json`) or as a stream (`events`), then `close()`."""
 
     def __init__(self, response: aiohttp.ClientResponse):
         self._response = response
@@ -41,9 +48,28 @@ class EngineAnswer:
         except ValueError as exc:
             raise EngineError(f"the engine answered with something that is not JSON: {exc}") from exc
 
-    def chunks(self) -> AsyncIterator[bytes]:
-        """The body as it arrives, in whatever pieces the socket gives (frames may be split or joined)."""
-        return self._response.content.iter_any()
+    async def events(self) -> AsyncIterator[list[bytes]]:
+        """A stream's server-sent events up to `data: [DONE]` (not included), whole: for each read
+        from the socket, the events it completed. Then the rest of the body is read (the chunked
+        encoding's end, already on its way), so that `close()` keeps the connection: a new one for
+        every request cost the gateway a connect and the engine an accept. A body that ends before
+        [DONE] raises EngineError."""
+        pending = b""
+        # Split on the bytes b"\n\n", never with a text line reader: those also break lines at
+        # U+2028, U+0085 and the like, which JSON leaves raw inside strings.
+        async for block in self._response.content.iter_any():
+            *frames, pending = (pending + block).split(b"\n\n")
+            events = [frame for frame in frames if frame.strip()]
+            if _DONE in events:
+                if last := events[:events.index(_DONE)]:
+                    yield last
+                with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                    async with asyncio.timeout(_FINISH_S):
+                        await self._response.content.read()
+                return
+            if events:
+                yield events
+        raise EngineError("the engine ended the stream before it was complete")
 
     def close(self) -> None:
         """Keeps the connection for the next request if the answer was read to its end; otherwise
@@ -63,15 +89,23 @@ class EngineChat:
         on_unreachable: Callable[[Engine], None],
         max_connections: int = 1024,
         headers: Mapping[str, str] | None = None,  # the engine key, on every request
+        on_connection: Callable[[], None] = lambda: None,  # a new connection to an engine was opened
     ):
+        opened = aiohttp.TraceConfig()
+
+        async def count(*_: object) -> None:
+            on_connection()
+
+        opened.on_connection_create_end.append(count)
         self._timeout = aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=timeout_s)
         self._on_unreachable = on_unreachable
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0),
+            connector=aiohttp.TCPConnector(limit=max_connections, limit_per_host=0, keepalive_timeout=_KEEPALIVE_S),
             # The engine sets no cookies; none may ever pass from one tenant's request to another's.
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=self._timeout,
             headers=headers,
+            trace_configs=[opened],
         )
 
     async def close(self) -> None:

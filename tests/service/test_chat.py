@@ -212,6 +212,20 @@ def test_a_client_that_leaves_before_a_non_streamed_answer_aborts_the_engine_req
     assert engine_metric(gateway, "vllm:generation_tokens_total") - generated < 500
 
 
+def test_one_engine_connection_serves_request_after_request(gateway):
+    """A stream is read to the end of its body, not dropped at [DONE]: dropping it closed the
+    connection, and every request paid for a new one (the gateway's connect, the engine's accept)."""
+    opened = sample(httpx.get(f"{gateway.url}/metrics").text, "lorag_engine_connections_opened_total")
+    for n in range(4):
+        body = {**ASK, "max_tokens": 3, "ignore_eos": True, "stream": n % 2 == 0}
+        response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60)
+        assert response.status_code == 200, response.text
+        if body["stream"]:
+            assert sse_payloads(response.text)[-1] == "[DONE]"
+    # One sequential caller needs one connection; the first request may reuse one already open.
+    assert sample(httpx.get(f"{gateway.url}/metrics").text, "lorag_engine_connections_opened_total") - opened <= 1
+
+
 def test_the_request_id_names_the_engine_request(gateway):
     given = httpx.post(f"{gateway.url}/v1/chat/completions", json={**ASK, "max_tokens": 2},
                        headers={"X-Request-ID": "trace-chat-7"})
