@@ -80,9 +80,26 @@ def main(argv: list[str] | None = None) -> int:
     revoke = key_commands.add_parser("revoke", help="stop a key from working, at once")
     revoke.add_argument("id")
 
+    evaluate = commands.add_parser("eval", help="score a running service: retrieval (search) against a question suite")
+    eval_commands = evaluate.add_subparsers(dest="eval_command", required=True)
+    retrieval = eval_commands.add_parser(
+        "retrieval", help="recall@k and MRR of the answer document and text, per search mode",
+        description="Each line of SUITE: {\"id\", \"question\", \"doc_id\", \"answer\", \"split\"} (question, and "
+        "doc_id or answer or both, required); every question is searched once per mode.")
+    retrieval.add_argument("suite", type=Path, metavar="SUITE", help="a JSON-lines question suite")
+    _remote_options(retrieval)
+    retrieval.add_argument("--collection", required=True)
+    retrieval.add_argument("--modes", type=_names, default="dense,keyword,hybrid",
+                           help="comma-separated: dense,keyword,hybrid (default: all three)")
+    retrieval.add_argument("--k", type=_sizes, default="1,3,5", help="comma-separated cut-offs (default: 1,3,5)")
+    retrieval.add_argument("--split", help="score only the questions of this split (e.g. test)")
+    retrieval.add_argument("--json", action="store_true", help="print the scores as JSON")
+
     args = parser.parse_args(argv)
     if args.command == "docs":
         return _docs(args)
+    if args.command == "eval":
+        return _eval(args)
     if args.command == "adapters":
         return _adapters(args)
     # Flags go through validation too: `--host 0.0.0.0` with auth off must be refused.
@@ -116,6 +133,46 @@ def _docs(args: argparse.Namespace) -> int:
         return 2
     print(summary(outcomes))
     return 1 if any(o.status == "failed" for o in outcomes) else 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from training.eval.retrieval import MODES, SearchClient, SearchFailed, SuiteError, load_suite, report, score
+
+    if unknown := [m for m in args.modes if m not in MODES]:
+        print(f"lorag eval retrieval: unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}",
+              file=sys.stderr)
+        return 2
+    try:
+        questions = load_suite(args.suite)
+    except SuiteError as exc:
+        print(f"lorag eval retrieval: {exc}", file=sys.stderr)
+        return 2
+    if args.split is not None:
+        questions = [q for q in questions if q.split == args.split]
+        if not questions:
+            print(f"lorag eval retrieval: no question in {args.suite} has split {args.split!r}", file=sys.stderr)
+            return 2
+    try:
+        results = score(SearchClient(args.url, args.collection, args.api_key), questions, args.modes, args.k)
+    except SearchFailed as exc:
+        print(f"lorag eval retrieval: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(results, indent=2) if args.json else report(results))
+    return 0
+
+
+def _names(text: str) -> list[str]:
+    return [name.strip() for name in text.split(",") if name.strip()]
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in _names(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated whole numbers, got {text!r}") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"cut-offs are 1 or more, got {text!r}")
+    return sizes
 
 
 def _remote_options(parser: argparse.ArgumentParser) -> None:
