@@ -48,6 +48,8 @@ class Passage(Protocol):
     doc_id: str
     version: int
     index: int
+    start: int  # character offsets of the passage in its document version
+    end: int
     text: str
     score: float
 
@@ -150,6 +152,8 @@ class Source:
     version: int
     chunk_id: str
     chunk: int
+    start: int  # the chunk's character offsets in that version's text: text[start:end] is the chunk
+    end: int
     score: float
     snippet: str
 
@@ -209,7 +213,8 @@ class PromptBuilder:
                 break
             placed.pop()
         sources = [
-            Source(i, p.doc_id, p.version, p.chunk_id, p.index, p.score, " ".join(p.text.split())[:SNIPPET_CHARS])
+            Source(i, p.doc_id, p.version, p.chunk_id, p.index, p.start, p.end, p.score,
+                   " ".join(p.text.split())[:SNIPPET_CHARS])
             for i, p in enumerate(placed, 1)
         ]
         kept = {p.chunk_id for p in placed}

@@ -127,6 +127,8 @@ class Citation(BaseModel):
     version: int
     chunk_id: str
     chunk: int
+    start: int = Field(description="Where the chunk starts in that version's text, in characters (inclusive).")
+    end: int = Field(description="Where it ends (exclusive): the document's text[start:end] is the chunk.")
     score: float
     snippet: str
 

@@ -18,6 +18,8 @@ class P:
     index: int
     text: str
     score: float
+    start: int = 0
+    end: int = 0
 
 
 @pytest.fixture(scope="module")

@@ -25,7 +25,7 @@ from tests.sse import sse_payloads
 @pytest.fixture(scope="module")
 def kb(gateway):
     """Collections in the session gateway's knowledge base, and a helper to write documents."""
-    for name in ("facts", "regions", "hostile", "bulky"):
+    for name in ("facts", "regions", "hostile", "bulky", "offsets"):
         assert httpx.post(f"{gateway.url}/v1/collections", json={"name": name}).status_code in (201, 409)
 
     def put(collection: str, doc_id: str, text: str, **metadata) -> dict:
@@ -71,6 +71,23 @@ def test_answers_follow_the_current_version_of_a_document(gateway, kb, tokenizer
     assert {(c["doc_id"], c["version"]) for c in citations} == {("ferry", 2)}
     assert citations[0]["index"] == 1 and "22:40" in citations[0]["snippet"]
     assert second.json()["rag"]["collection"] == "facts"
+
+
+def test_citations_give_the_chunks_offsets_in_the_cited_version(gateway, kb):
+    filler = " ".join(f"Harbour note {n}: the crane schedule is posted at the gate." for n in range(60))
+    text = f"{filler}\n\nThe lighthouse keeper rings the fog bell every 90 seconds.\n\n{filler}"
+    version = kb("offsets", "harbour", text)["version"]
+    answer = ask(gateway, "How often is the fog bell rung?", {"collection": "offsets", "top_k": 3})
+    assert answer.status_code == 200, answer.text
+    citations = answer.json()["citations"]
+    assert citations  # as many as the tiny model's context holds
+    stored = httpx.get(f"{gateway.url}/v1/collections/offsets/documents/harbour").json()
+    assert stored["version"] == version
+    for citation in citations:
+        passage = stored["text"][citation["start"]:citation["end"]]
+        assert " ".join(passage.split()).startswith(citation["snippet"]), citation
+    bell = next(c for c in citations if "fog bell" in stored["text"][c["start"]:c["end"]])
+    assert bell["chunk"] > 0 and 0 < bell["start"] < text.index("fog bell") < bell["end"]
 
 
 def test_a_filter_keeps_an_excluded_document_out_of_the_prompt(gateway, kb, tokenizer):
