@@ -37,6 +37,7 @@ from knowledge.keywords import MissingIndex
 from knowledge.parsing import extract_text
 from knowledge.pdf_reading import PdfExtractor, PdfLimits
 from knowledge.records import CollectionRow, DocumentRow, RecordStore
+from knowledge.reranking import CrossEncoderReranker, Reranker
 from knowledge.search import Mode, Searcher, SearchResult
 from knowledge.settings import KnowledgeSettings
 from knowledge.vectors import MissingVectors, VectorStore
@@ -48,10 +49,13 @@ MAX_PAGE = 1000
 
 
 class KnowledgeBase:
-    def __init__(self, settings: KnowledgeSettings, *, embedder: Embedder | None = None):
+    def __init__(
+        self, settings: KnowledgeSettings, *, embedder: Embedder | None = None, reranker: Reranker | None = None
+    ):
         """Open (or create) the stores under `settings`, repairing any write a crash cut short.
 
         `embedder`: share one already loaded (tests, or several bases in one process).
+        `reranker`: use this one instead of the settings' LORAG_RERANKER_PATH.
         """
         self.settings = settings
         self.embedder = embedder or Embedder(
@@ -62,6 +66,8 @@ class KnowledgeBase:
                 f"chunk_tokens ({settings.chunk_tokens}) exceeds what the embedder reads at once "
                 f"({self.embedder.max_tokens} tokens); lower LORAG_CHUNK_TOKENS"
             )
+        if reranker is None and settings.reranker_path is not None:
+            reranker = CrossEncoderReranker(settings.reranker_path, settings.embedder_device)
         self.chunker = Chunker(self.embedder.tokenizer, settings.chunk_tokens, settings.chunk_overlap)
         self.pdfs = PdfExtractor(
             PdfLimits(settings.pdf_timeout_s, settings.pdf_memory_mb << 20, settings.pdf_max_pages,
@@ -73,9 +79,13 @@ class KnowledgeBase:
             self.vectors = VectorStore(settings)
             self.versions = Versions(self.records.active_versions())
             self._ingestion = Ingestion(
-                self.records, self.vectors, self.versions, self.chunker, self.embedder, settings.max_document_chars
+                self.records, self.vectors, self.versions, self.chunker, self.embedder, settings.max_document_chars,
+                settings.embed_title_key,
             )
-            self._searcher = Searcher(self.records, self.vectors, self.versions, self.embedder, settings.max_top_k)
+            self._searcher = Searcher(
+                self.records, self.vectors, self.versions, self.embedder, settings.max_top_k,
+                settings.hybrid_dense_weight, reranker, settings.rerank_depth,
+            )
             self._sweep_orphans()
             self.recovered = self._ingestion.recover()
         except BaseException:

@@ -74,6 +74,7 @@ class Ingestion:
         chunker: Chunker,
         embedder: Embedder,
         max_document_chars: int,
+        title_key: str | None,
     ):
         self._records = records
         self._vectors = vectors
@@ -81,6 +82,7 @@ class Ingestion:
         self._chunker = chunker
         self._embedder = embedder
         self._max_chars = max_document_chars
+        self._title_key = title_key
         self._locks = DocumentLocks()
 
     def put(self, collection: CollectionRow, items: Sequence[object]) -> list[WriteResult | KnowledgeError]:
@@ -113,12 +115,18 @@ class Ingestion:
                 todo[i] = doc
         if todo:
             chunks = {i: self._chunker.split(doc.text) for i, doc in todo.items()}
-            vectors = self._embedder.encode([chunk.text for i in todo for chunk in chunks[i]])
+            vectors = self._embedder.encode([self._context(todo[i]) + chunk.text for i in todo for chunk in chunks[i]])
             with self._locks.holding((collection.id, doc.doc_id) for doc in todo.values()):
                 results_written = self._write(collection, todo, chunks, vectors)
             for i, result in results_written.items():
                 results[i] = result
         return results  # type: ignore[return-value]
+
+    def _context(self, doc: ValidDocument) -> str:
+        """What is embedded before each chunk of `doc`: its title line, so a chunk deep in a page
+        about `sort` is still about sort (all-MiniLM-L6-v2 sees one chunk at a time)."""
+        title = doc.metadata.get(self._title_key) if self._title_key else None
+        return f"{title.strip()}\n" if isinstance(title, str) and title.strip() else ""
 
     def _write(
         self,

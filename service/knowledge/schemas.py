@@ -103,7 +103,10 @@ class SearchHit(BaseModel):
     start: int
     end: int
     text: str
-    score: float
+    score: float = Field(
+        description="Higher is better. dense: cosine similarity; keyword: BM25; hybrid: the weighted sum of "
+        "both lists' scores, each scaled to 0..1 over its candidates (0 to 1)."
+    )
     metadata: dict[str, Any]
 
 

@@ -7,6 +7,7 @@ from collections.abc import Iterator
 import pytest
 
 from knowledge import DocumentInput, InvalidFilter, InvalidQuery, KnowledgeBase
+from knowledge.search import fuse
 from knowledge.filters import MAX_CLAUSES, MAX_CONDITIONS, MAX_DEPTH, MAX_TOTAL_VALUES, MAX_VALUES, Filter
 from tests.knowledge.conftest import CHROMA_MODES, chroma_settings
 
@@ -232,3 +233,119 @@ def test_empty_filter_means_none():
 def test_invalid_queries_are_refused(corpus: KnowledgeBase, kwargs, message):
     with pytest.raises(InvalidQuery, match=message):
         corpus.search("corpus", **kwargs)
+
+
+# Hybrid fusion: normalised scores, weighted
+
+
+def _key(name: str) -> tuple[str, int, int]:
+    return (name, 1, 0)
+
+
+def test_fusion_keeps_a_clear_keyword_winner_ahead_of_a_narrow_dense_one():
+    # "exact" is far ahead in keyword scores and a close second in dense: reciprocal rank
+    # fusion calls it a tie with "near" (first and second in one list each, first and third
+    # in the other would be worse); normalised scores put it first.
+    dense = [(_key("near"), 0.61), (_key("exact"), 0.60), (_key("other"), 0.20)]
+    keyword = [(_key("exact"), 14.0), (_key("other"), 3.0), (_key("near"), 2.5)]
+    fused = fuse(dense, keyword, 0.5)
+    assert [key[0] for key, _ in fused] == ["exact", "near", "other"]
+    assert fused[0][1] == pytest.approx(0.5 * (0.60 - 0.20) / 0.41 + 0.5)
+    assert all(0 <= score <= 1 for _, score in fused)
+
+
+def test_fusion_weights_move_the_ranking_to_one_list_and_handle_edges():
+    dense = [(_key("a"), 0.9), (_key("b"), 0.5)]
+    keyword = [(_key("b"), 9.0), (_key("c"), 1.0)]
+    assert dict(fuse(dense, keyword, 1.0)) == {_key("a"): 1.0, _key("b"): 0.0, _key("c"): 0.0}
+    assert dict(fuse(dense, keyword, 0.0)) == {_key("b"): 1.0, _key("a"): 0.0, _key("c"): 0.0}
+    assert fuse([], [], 0.5) == []
+    assert fuse([], keyword, 0.5) == [(_key("b"), 0.5), (_key("c"), 0.0)]
+    # A list of equal scores counts each candidate as its best; ties keep the dense order.
+    assert fuse([(_key("x"), 0.3), (_key("y"), 0.3)], [], 0.5) == [(_key("x"), 0.5), (_key("y"), 0.5)]
+
+
+def test_hybrid_scores_are_fused_on_the_real_stores(corpus: KnowledgeBase):
+    dense = corpus.search("corpus", "moon tides gravitational", top_k=5, mode="dense").hits
+    keyword = corpus.search("corpus", "moon tides gravitational", top_k=5, mode="keyword").hits
+    hybrid = corpus.search("corpus", "moon tides gravitational", top_k=5, mode="hybrid").hits
+    assert hybrid[0].doc_id == dense[0].doc_id == keyword[0].doc_id == "tides"
+    assert hybrid[0].score == pytest.approx(1.0)  # best in both lists
+    assert {h.doc_id for h in hybrid} == {h.doc_id for h in dense} | {h.doc_id for h in keyword}
+
+
+def test_each_chunk_is_embedded_with_its_documents_title(chroma_mode, tmp_path, request, embedder):
+    # A chunk that never names its subject is found by a query about the subject when the
+    # title says it; with the title context off, the same text is just a number list.
+    text = "Use a larger number to keep more of them. The default is ten."
+    docs = [DocumentInput("backups", text, {"title": "Numbered backup files kept by logrotate"}),
+            DocumentInput("filler", "Trains leave the station every ten minutes.", {"title": "Timetable"})]
+    query = "how many rotated log backups are kept"
+    ranks = {}
+    for key in ("title", ""):
+        settings = chroma_settings(chroma_mode, tmp_path / (key or "none"), request, embed_title_key=key)
+        with KnowledgeBase(settings, embedder=embedder) as base:
+            base.create_collection("docs")
+            base.put_documents("docs", docs)
+            hits = base.search("docs", query, top_k=2, mode="dense").hits
+            assert hits[0].text in (text, docs[1].text)  # the stored text never carries the title
+            ranks[key] = {h.doc_id: h.score for h in hits}
+    assert ranks["title"]["backups"] > ranks["title"]["filler"]
+    assert ranks["title"]["backups"] > ranks[""]["backups"] + 0.1
+
+
+class WordReranker:
+    """The test reranker: a passage scores how many times it says `word`. Real cross-encoder
+    weights are not packaged here; this one stands behind the same interface."""
+
+    def __init__(self, word: str):
+        self.word, self.calls = word, []
+
+    def scores(self, query: str, passages):
+        self.calls.append((query, list(passages)))
+        return [passage.lower().count(self.word) for passage in passages]
+
+
+@pytest.mark.parametrize("mode", ["dense", "keyword", "hybrid"])
+def test_a_reranker_reorders_the_first_stages_best_candidates(make_settings, embedder, mode: str):
+    docs = [DocumentInput(f"d{i}", f"Ocean tides and the moon, note {i}." + " moon" * (i == 3)) for i in range(5)]
+    docs.append(DocumentInput("far", "Bread dough rises with yeast; the moon moon moon moon."))
+    with KnowledgeBase(make_settings(), embedder=embedder) as base:  # the first stage alone
+        base.create_collection("docs")
+        base.put_documents("docs", docs)
+        plain = base.search("docs", "ocean tides note", top_k=5, mode=mode).hits
+    reranker = WordReranker("moon")
+    with KnowledgeBase(make_settings(rerank_depth=5), embedder=embedder, reranker=reranker) as base:
+        result = base.search("docs", "ocean tides note", top_k=2, mode=mode)
+    query, passages = reranker.calls[-1]
+    assert query == "ocean tides note"
+    assert passages == [hit.text for hit in plain]  # the first stage's five best, in order
+    assert result.hits[0].doc_id == max(plain, key=lambda hit: hit.text.count("moon")).doc_id == "d3"
+    assert [hit.score for hit in result.hits] == [2, 1]
+    # "far" says moon most of all but is not among the first stage's five: never promoted.
+    assert "far" not in {hit.doc_id for hit in plain} | {hit.doc_id for hit in result.hits}
+    assert result.timings.rerank_ms > 0 and len(result.hits) == 2
+
+
+def test_the_settings_reranker_is_a_cross_encoder_read_from_disk(make_settings, embedder, tmp_path):
+    # No cross-encoder weights are packaged: build a tiny random one locally, with the
+    # embedder's tokenizer, only to show the path from LORAG_RERANKER_PATH to the scores.
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    from knowledge.embedding import default_model_path
+    from knowledge.reranking import CrossEncoderReranker
+
+    tokenizer = AutoTokenizer.from_pretrained(str(default_model_path()))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=1,
+                        num_attention_heads=2, intermediate_size=64, num_labels=1)
+    BertForSequenceClassification(config).save_pretrained(tmp_path / "ce")
+    tokenizer.save_pretrained(tmp_path / "ce")
+    with KnowledgeBase(make_settings(reranker_path=tmp_path / "ce"), embedder=embedder) as base:
+        base.create_collection("docs")
+        base.put_documents("docs", DOCS)
+        hits = base.search("docs", "chess opening", top_k=5, mode="hybrid").hits
+    expected = CrossEncoderReranker(tmp_path / "ce").scores("chess opening", [hit.text for hit in hits])
+    assert [hit.score for hit in hits] == pytest.approx(expected, abs=1e-5)
+    assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
+    with pytest.raises(FileNotFoundError, match="LORAG_RERANKER_PATH"):
+        CrossEncoderReranker(tmp_path / "missing")
