@@ -45,7 +45,9 @@ class Hit:
     start: int  # character offsets of the chunk in its document
     end: int
     text: str
-    score: float  # dense: cosine similarity; keyword: BM25; hybrid: fused normalised scores, 0 to 1; reranked: the reranker's
+    # dense: cosine similarity; keyword: BM25; hybrid: fused normalised scores, 0 to 1;
+    # with a reranker: the reranker's score
+    score: float
     metadata: Metadata
 
 

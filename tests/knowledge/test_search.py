@@ -243,13 +243,18 @@ def _key(name: str) -> tuple[str, int, int]:
 
 
 def test_fusion_keeps_a_clear_keyword_winner_ahead_of_a_narrow_dense_one():
-    # "exact" is far ahead in keyword scores and a close second in dense: reciprocal rank
-    # fusion calls it a tie with "near" (first and second in one list each, first and third
-    # in the other would be worse); normalised scores put it first.
-    dense = [(_key("near"), 0.61), (_key("exact"), 0.60), (_key("other"), 0.20)]
-    keyword = [(_key("exact"), 14.0), (_key("other"), 3.0), (_key("near"), 2.5)]
+    # "exact" is far ahead in keyword scores and a close third in dense; "near" is a close
+    # first in dense and a distant second in keyword. Fusing ranks throws the margins away
+    # and puts "near" first; normalised scores keep "exact" first.
+    dense = [(_key("near"), 0.61), (_key("mid"), 0.605), (_key("exact"), 0.60), (_key("other"), 0.20)]
+    keyword = [(_key("exact"), 14.0), (_key("near"), 3.0), (_key("other"), 2.9), (_key("mid"), 2.5)]
+    ranks: dict = {}
+    for ranked in (dense, keyword):
+        for rank, (key, _) in enumerate(ranked, 1):
+            ranks[key] = ranks.get(key, 0) + 1 / (60 + rank)
+    assert max(ranks, key=ranks.get) == _key("near")  # reciprocal rank fusion, k = 60
     fused = fuse(dense, keyword, 0.5)
-    assert [key[0] for key, _ in fused] == ["exact", "near", "other"]
+    assert [key[0] for key, _ in fused] == ["exact", "near", "mid", "other"]
     assert fused[0][1] == pytest.approx(0.5 * (0.60 - 0.20) / 0.41 + 0.5)
     assert all(0 <= score <= 1 for _, score in fused)
 
