@@ -26,37 +26,32 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
-
 from bench import machine
 from bench.retrieval_corpus import CORPUS, load
+from service.knowledge.client import DocsClient, summary
 from tests.gateway import knowledge_gateway
 from training.eval.retrieval import MODES, SearchClient, load_suite, score
 
 QUESTIONS = Path(__file__).parent / "data" / "gnu_manuals_questions.jsonl"
 COLLECTION = "gnu-manuals"
 KS = (1, 3, 5)
-_BATCH = 50  # documents per bulk request
 
 
-def ingest(url: str, documents: list[dict]) -> dict:
-    """Create the collection and push every document; seconds taken and chunks made."""
-    http = httpx.Client(base_url=url, timeout=600)
-    http.post("/v1/collections", json={"name": COLLECTION}).raise_for_status()
-    chunks = 0
+def ingest(url: str, documents: list[dict], home: Path) -> dict:
+    """Push every document with `lorag docs push`'s client (a JSON-lines file through the bulk
+    API); seconds taken and chunks made."""
+    corpus = home / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": d["doc_id"], "text": d["text"],
+                                          "metadata": {"title": d["title"], "manual": d["manual"]}}) + "\n"
+                              for d in documents))
+    client = DocsClient(url, COLLECTION, timeout=600)
+    client.ensure_collection()
     started = time.perf_counter()
-    for start in range(0, len(documents), _BATCH):
-        lines = [json.dumps({"id": d["doc_id"], "text": d["text"],
-                             "metadata": {"title": d["title"], "manual": d["manual"]}})
-                 for d in documents[start:start + _BATCH]]
-        response = http.post(f"/v1/collections/{COLLECTION}/documents/bulk", content="\n".join(lines).encode(),
-                             headers={"content-type": "application/x-ndjson"})
-        response.raise_for_status()
-        failed = [r for r in response.json()["results"] if r["status"] == "failed"]
-        if failed:
-            raise SystemExit(f"ingest failed: {failed[:3]}")
-        chunks += sum(r["chunks"] for r in response.json()["results"])
+    outcomes = client.push([corpus])
     seconds = time.perf_counter() - started
+    if any(o.status == "failed" for o in outcomes):
+        raise SystemExit(f"ingest failed:\n{summary(outcomes)}")
+    chunks = sum(o.chunks for o in outcomes)
     return {"documents": len(documents), "chunks": chunks, "seconds": round(seconds, 1),
             "chunks_per_s": round(chunks / seconds, 1)}
 
@@ -87,7 +82,7 @@ def main() -> None:
         gw = knowledge_gateway(Path(tmp) / "home", env=settings).start()
         try:
             gw.wait_up()
-            ingested = ingest(gw.url, documents)
+            ingested = ingest(gw.url, documents, Path(tmp))
             print(json.dumps({"ingest": ingested}), flush=True)
             search = SearchClient(gw.url, COLLECTION)
             scores = {}

@@ -115,7 +115,8 @@ class Ingestion:
                 todo[i] = doc
         if todo:
             chunks = {i: self._chunker.split(doc.text) for i, doc in todo.items()}
-            vectors = self._embedder.encode([self._context(todo[i]) + chunk.text for i in todo for chunk in chunks[i]])
+            contexts = {i: self._context(doc) for i, doc in todo.items()}
+            vectors = self._embedder.encode([contexts[i] + chunk.text for i in todo for chunk in chunks[i]])
             with self._locks.holding((collection.id, doc.doc_id) for doc in todo.values()):
                 results_written = self._write(collection, todo, chunks, vectors)
             for i, result in results_written.items():

@@ -3,7 +3,7 @@
 Hybrid fuses normalised scores, not ranks: each list's scores are scaled to [0, 1] over its
 candidates and summed with weights (`dense_weight`, the rest to keyword). Reciprocal rank
 fusion throws the scores away, so a keyword hit far ahead of every other chunk counts no more
-than a dense hit barely ahead; on bench.retrieval_bench's questions it ranked the answer
+than a dense hit barely ahead; on bench.retrieval_bench's dev half it ranked the answer
 first less often than keyword search alone, and normalised scores did not.
 
 Every hit is checked against the version map (see versions.py), so only the version of a
@@ -80,8 +80,8 @@ class Searcher:
         embedder: Embedder,
         max_top_k: int,
         dense_weight: float,
-        reranker: Reranker | None = None,
-        rerank_depth: int = 20,
+        reranker: Reranker | None,
+        rerank_depth: int,
     ):
         self._records = records
         self._vectors = vectors

@@ -23,6 +23,7 @@ class Outcome:
     source: str
     status: str  # created | updated | unchanged | failed
     reason: str = ""
+    chunks: int = 0  # of the document as stored (JSON-lines pushes)
 
 
 def _files(paths: list[Path]) -> Iterator[tuple[Path, Path]]:
@@ -97,7 +98,7 @@ class DocsClient:
                 continue
             for item in response.json()["results"]:
                 source = f"{file}:{start + item['line']}"
-                outcomes.append(Outcome(source, item["status"], item.get("error") or ""))
+                outcomes.append(Outcome(source, item["status"], item.get("error") or "", item.get("chunks", 0)))
         return outcomes
 
     def search(self, query: str, top_k: int, mode: str, filter_: dict | None) -> dict:

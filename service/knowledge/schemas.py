@@ -105,7 +105,8 @@ class SearchHit(BaseModel):
     text: str
     score: float = Field(
         description="Higher is better. dense: cosine similarity; keyword: BM25; hybrid: the weighted sum of "
-        "both lists' scores, each scaled to 0..1 over its candidates (0 to 1)."
+        "both lists' scores, each scaled to 0..1 over its candidates (0 to 1); with a reranker "
+        "(LORAG_RERANKER_PATH): the reranker's score."
     )
     metadata: dict[str, Any]
 

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 
 from knowledge import DocumentInput, InvalidFilter, InvalidQuery, KnowledgeBase
-from knowledge.search import fuse
 from knowledge.filters import MAX_CLAUSES, MAX_CONDITIONS, MAX_DEPTH, MAX_TOTAL_VALUES, MAX_VALUES, Filter
+from knowledge.search import fuse
 from tests.knowledge.conftest import CHROMA_MODES, chroma_settings
 
 DOCS = [
@@ -354,3 +354,13 @@ def test_the_settings_reranker_is_a_cross_encoder_read_from_disk(make_settings, 
     assert [hit.score for hit in hits] == sorted((hit.score for hit in hits), reverse=True)
     with pytest.raises(FileNotFoundError, match="LORAG_RERANKER_PATH"):
         CrossEncoderReranker(tmp_path / "missing")
+
+
+@pytest.mark.parametrize("weight", [-0.1, 1.5])
+def test_a_dense_weight_outside_0_to_1_is_refused(weight: float):
+    from pydantic import ValidationError
+
+    from knowledge import KnowledgeSettings
+
+    with pytest.raises(ValidationError, match="hybrid_dense_weight"):
+        KnowledgeSettings(_env_file=None, hybrid_dense_weight=weight)
