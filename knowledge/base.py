@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import numpy as np
 
-from knowledge.chunking import Chunker
+from knowledge.chunking import Chunking
 from knowledge.documents import (
     DEFAULT_TENANT,
     CollectionInfo,
@@ -30,13 +31,21 @@ from knowledge.documents import (
     check_metadata,
 )
 from knowledge.embedding import Embedder
-from knowledge.errors import CollectionExists, CollectionNotFound, DocumentNotFound, InvalidQuery, KnowledgeError
+from knowledge.errors import (
+    CollectionExists,
+    CollectionNotFound,
+    DocumentNotFound,
+    InvalidChunking,
+    InvalidQuery,
+    KnowledgeError,
+)
 from knowledge.filters import Filter
 from knowledge.ingestion import Ingestion
 from knowledge.keywords import MissingIndex
 from knowledge.parsing import extract_text
 from knowledge.pdf_reading import PdfExtractor, PdfLimits
 from knowledge.records import CollectionRow, DocumentRow, RecordStore
+from knowledge.reindexing import Reindex, Reindexing, WriteGate
 from knowledge.reranking import CrossEncoderReranker, Reranker
 from knowledge.search import Mode, Searcher, SearchResult
 from knowledge.settings import KnowledgeSettings
@@ -68,20 +77,25 @@ class KnowledgeBase:
             )
         if reranker is None and settings.reranker_path is not None:
             reranker = CrossEncoderReranker(settings.reranker_path, settings.embedder_device)
-        self.chunker = Chunker(self.embedder.tokenizer, settings.chunk_tokens, settings.chunk_overlap)
+        # What a new collection records unless its creator says otherwise.
+        self.chunking = Chunking(
+            settings.chunk_tokens, settings.chunk_overlap, "tokens", settings.embed_title_key, self.embedder.identity
+        )
         self.pdfs = PdfExtractor(
             PdfLimits(settings.pdf_timeout_s, settings.pdf_memory_mb << 20, settings.pdf_max_pages,
                       settings.max_document_chars),
             settings.pdf_workers,
         )
-        self.records = RecordStore(settings.database_path)
+        self.records = RecordStore(settings.database_path, self.chunking)
         try:
             self.vectors = VectorStore(settings)
             self.versions = Versions(self.records.active_versions())
             self._ingestion = Ingestion(
-                self.records, self.vectors, self.versions, self.chunker, self.embedder, settings.max_document_chars,
-                settings.embed_title_key,
+                self.records, self.vectors, self.versions, self.embedder, settings.max_document_chars
             )
+            self.chunker = self._ingestion.chunker(self.chunking)  # the default collection's
+            self._gate = WriteGate()
+            self._reindexing = Reindexing(self.records, self.vectors, self.versions, self._ingestion, self._gate)
             self._searcher = Searcher(
                 self.records, self.vectors, self.versions, self.embedder, settings.max_top_k,
                 settings.hybrid_dense_weight, reranker, settings.rerank_depth,
@@ -113,41 +127,79 @@ class KnowledgeBase:
     # Collections
 
     def create_collection(
-        self, name: str, metadata: Metadata | None = None, *, tenant: str = DEFAULT_TENANT
+        self,
+        name: str,
+        metadata: Metadata | None = None,
+        *,
+        chunking: Mapping[str, object] | None = None,
+        tenant: str = DEFAULT_TENANT,
     ) -> CollectionInfo:
+        """`chunking`: any of size, overlap, strategy, title_key, instead of the settings' defaults."""
         check_collection_name(name)
         metadata = check_metadata(metadata, "collection metadata")
+        recorded = self._chunking(self.chunking, chunking)
         with self.records.transaction() as tx:
             if self.records.collection(tenant, name, tx) is not None:
                 raise CollectionExists(name)
-            row = self.records.insert_collection(tx, tenant, name, metadata, time.time())
+            row = self.records.insert_collection(tx, tenant, name, metadata, time.time(), recorded)
             # Inside the transaction: if Chroma refuses, the row rolls back with it.
             self.vectors.create(row.chroma_name)
         self.versions.add_collection(row.id)
-        return CollectionInfo(row.name, row.metadata, _time(row.created_at), 0)
+        self._reindexing.forget(tenant, name)  # a namesake's, deleted before
+        return self._info(tenant, row, 0)
 
     def get_collection(self, name: str, *, tenant: str = DEFAULT_TENANT) -> CollectionInfo:
         row = self._collection(name, tenant)
-        return CollectionInfo(row.name, row.metadata, _time(row.created_at), self.records.count_documents(row.id))
+        return self._info(tenant, row, self.records.count_documents(row.id))
 
     def list_collections(self, *, tenant: str = DEFAULT_TENANT) -> list[CollectionInfo]:
-        return [
-            CollectionInfo(row.name, row.metadata, _time(row.created_at), count)
-            for row, count in self.records.collections(tenant)
-        ]
+        return [self._info(tenant, row, count) for row, count in self.records.collections(tenant)]
+
+    def _info(self, tenant: str, row: CollectionRow, documents: int) -> CollectionInfo:
+        return CollectionInfo(
+            row.name, row.metadata, _time(row.created_at), documents, row.chunking,
+            self._reindexing.status(tenant, row),
+        )
 
     def delete_collection(self, name: str, *, tenant: str = DEFAULT_TENANT) -> None:
+        """Delete it, and the shadow of a reindex under way (which then fails)."""
         check_collection_name(name)
-        with self.records.transaction() as tx:
+        with self._gate.writing((tenant, name)), self.records.transaction() as tx:
             row = self.records.collection(tenant, name, tx)
             if row is None:
                 raise CollectionNotFound(name)
-            self.records.delete_collection(tx, row.id)
-        self.versions.settle(self.versions.drop_collection(row.id))
+            shadow = self.records.shadow(tx, row.id)
+            gone = [row] if shadow is None else [row, shadow]
+            for each in gone:
+                self.records.delete_collection(tx, each.id)
+        for each in gone:
+            self.versions.settle(self.versions.drop_collection(each.id))
+            try:
+                self.vectors.drop(each.chroma_name)
+            except Exception:
+                log.warning("could not delete Chroma collection %s; the next open will", each.chroma_name, exc_info=True)
+
+    def reindex(
+        self, name: str, chunking: Mapping[str, object] | None = None, *, tenant: str = DEFAULT_TENANT
+    ) -> Reindex:
+        """Claim the collection for a rebuild with its chunking changed by `chunking` (any of size,
+        overlap, strategy, title_key; "" title_key: none) and this service's embedder; `.run()` it.
+        Raises ReindexRunning if one is under way."""
+        row = self._collection(name, tenant)
+        target = self._chunking(replace(row.chunking, embedder=self.embedder.identity), chunking)
+        return self._reindexing.start(tenant, row, target)
+
+    def _chunking(self, base: Chunking, changes: Mapping[str, object] | None) -> Chunking:
+        changes = dict(changes or {})
+        unknown = set(changes) - {"size", "overlap", "strategy", "title_key"}
+        if unknown:
+            raise InvalidChunking(f"unknown chunking field(s) {sorted(unknown)}; use size, overlap, strategy, title_key")
+        chunking = base.changed(**changes)
         try:
-            self.vectors.drop(row.chroma_name)
-        except Exception:
-            log.warning("could not delete Chroma collection %s; the next open will", row.chroma_name, exc_info=True)
+            chunking.check(self.embedder.max_tokens)
+        except ValueError as exc:
+            raise InvalidChunking(str(exc)) from None
+        return chunking
 
     def _collection(self, name: str, tenant: str) -> CollectionRow:
         check_collection_name(name)
@@ -178,7 +230,8 @@ class KnowledgeBase:
         self, collection: str, items: Sequence[DocumentInput], *, tenant: str = DEFAULT_TENANT
     ) -> list[WriteResult | KnowledgeError]:
         """Write many documents, embedding across them; one result or error per item, in order."""
-        return self._ingestion.put(self._collection(collection, tenant), list(items))
+        with self._gate.writing((tenant, collection)):  # resolved inside: a reindex may cut over first
+            return self._ingestion.put(self._collection(collection, tenant), list(items))
 
     def get_document(self, collection: str, doc_id: str, *, tenant: str = DEFAULT_TENANT) -> Document:
         row = self._collection(collection, tenant)
@@ -202,7 +255,8 @@ class KnowledgeBase:
 
     def delete_document(self, collection: str, doc_id: str, *, tenant: str = DEFAULT_TENANT) -> None:
         """Remove the document and every chunk of it."""
-        self._ingestion.delete(self._collection(collection, tenant), check_doc_id(doc_id))
+        with self._gate.writing((tenant, collection)):
+            self._ingestion.delete(self._collection(collection, tenant), check_doc_id(doc_id))
 
     # Search
 
@@ -220,9 +274,9 @@ class KnowledgeBase:
         """Best chunks for `query`; `query_embedding` skips embedding the query (dense and hybrid)."""
         vector = self._searcher.check(query, top_k, mode, query_embedding)
         where = Filter.parse(filter)
-        row = self._collection(collection, tenant)
+        check_collection_name(collection)
         try:
-            return self._searcher.search(row, query, top_k, mode, where, vector)
+            return self._searcher.search(lambda: self._collection(collection, tenant), query, top_k, mode, where, vector)
         except (MissingVectors, MissingIndex):  # deleted under this search
             raise CollectionNotFound(collection) from None
 

@@ -6,9 +6,14 @@ Offsets are characters into the original text, so a chunk can always be traced b
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, replace
 
 from tokenizers import Tokenizer
+
+from knowledge.errors import ReindexRequired
+
+STRATEGIES = ("tokens",)
 
 
 @dataclass(frozen=True)
@@ -17,6 +22,49 @@ class Chunk:
     text: str
     start: int  # character offset into the document, inclusive
     end: int  # character offset, exclusive
+
+
+@dataclass(frozen=True)
+class Chunking:
+    """How a collection's chunks were cut and embedded; recorded with the collection, so that
+    every write to it cuts the same way and a change is an explicit reindex."""
+
+    size: int  # largest chunk, in embedder tokens
+    overlap: int  # tokens shared by consecutive chunks
+    strategy: str  # "tokens": windows cut at word starts
+    title_key: str | None  # metadata key embedded before each chunk, as context
+    embedder: str  # Embedder.identity of the model that made the vectors
+
+    def check(self, max_tokens: int) -> None:
+        """Raise ValueError, saying what to change, if these settings cannot be used."""
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or not 8 <= self.size <= max_tokens:
+            raise ValueError(f"chunk size must be an integer from 8 to {max_tokens} (the embedder's window), got {self.size!r}")
+        if isinstance(self.overlap, bool) or not isinstance(self.overlap, int) or not 0 <= self.overlap < self.size:
+            raise ValueError(f"chunk overlap must be an integer from 0 to size - 1 ({self.size - 1}), got {self.overlap!r}")
+        if self.strategy not in STRATEGIES:
+            raise ValueError(f"chunking strategy must be one of {', '.join(STRATEGIES)}, got {self.strategy!r}")
+        if self.title_key is not None and (not isinstance(self.title_key, str) or not self.title_key.strip()):
+            raise ValueError(f"title_key must be a metadata key or null, got {self.title_key!r}")
+
+    def require_embedder(self, collection: str, identity: str) -> None:
+        """Refuse to mix two models' vectors in one collection, or to query one's with the other's."""
+        if self.embedder != identity:
+            raise ReindexRequired(collection, self.embedder, identity)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> Chunking:
+        return cls(**json.loads(text))
+
+    def changed(self, **changes: object) -> Chunking:
+        """A copy with the given fields replaced (None values leave a field alone, except title_key,
+        where "" means none)."""
+        fields = {k: v for k, v in changes.items() if v is not None}
+        if fields.get("title_key") == "":
+            fields["title_key"] = None
+        return replace(self, **fields)
 
 
 class Chunker:

@@ -8,9 +8,13 @@ import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from knowledge.errors import InvalidCollectionName, InvalidDocument
+
+if TYPE_CHECKING:
+    from knowledge.chunking import Chunking
+    from knowledge.reindexing import ReindexStatus
 
 Scalar = str | int | float | bool
 Metadata = dict[str, Scalar]
@@ -34,6 +38,8 @@ class CollectionInfo:
     metadata: Metadata
     created_at: datetime
     documents: int
+    chunking: Chunking
+    reindex: ReindexStatus | None  # the last one this process ran, or one left interrupted
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +42,18 @@ class Embedder:
         self.tokenizer = self._model.tokenizer
         # Content tokens per input: the model's window less [CLS]/[SEP] (or the model's equivalents).
         self.max_tokens = int(self._model.max_seq_length) - self.tokenizer.num_special_tokens_to_add(pair=False)
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """Names these weights: the directory's name, the vector size and a hash of the weight
+        files. A collection records it, so vectors from another model are never mixed in."""
+        digest = hashlib.sha256()
+        for file in sorted(self.path.rglob("*")):
+            if file.suffix in (".safetensors", ".bin") and file.is_file():
+                with file.open("rb") as stream:
+                    while block := stream.read(1 << 20):
+                        digest.update(block)
+        return f"{self.path.parent.name}/{self.path.name}:{self.dim}d:{digest.hexdigest()[:12]}"
 
     @property
     def model(self):

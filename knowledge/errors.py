@@ -53,6 +53,35 @@ class InvalidQuery(KnowledgeError):
     """Bad search or listing arguments: empty query, top_k out of range, unknown mode, bad cursor."""
 
 
+class InvalidChunking(KnowledgeError):
+    """Chunking settings a collection cannot use (size past the embedder's window, overlap not below size, ...)."""
+
+
+class ReindexRequired(KnowledgeError):
+    """The collection's vectors come from another embedder than the one this service runs."""
+
+    def __init__(self, name: str, recorded: str, current: str):
+        super().__init__(
+            f"collection {name!r} was embedded with {recorded}, and this service embeds with {current}; "
+            f"run `lorag docs reindex {name}` to embed it again (keyword search works meanwhile)"
+        )
+        self.name = name
+
+
+class ReindexRunning(KnowledgeError):
+    def __init__(self, name: str):
+        super().__init__(f"collection {name!r} is already being reindexed; wait for it to finish (GET the collection)")
+        self.name = name
+
+
+class ReindexInterrupted(KnowledgeError):
+    """A reindex stopped before its cut-over (the service is stopping): the old index serves on."""
+
+    def __init__(self, name: str):
+        super().__init__(f"the reindex of {name!r} stopped before its cut-over; run it again to resume")
+        self.name = name
+
+
 class StoreUnavailable(KnowledgeError):
     """A backing store (a Chroma server) did not answer; nothing was changed, and retrying later can succeed."""
 

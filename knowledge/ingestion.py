@@ -21,12 +21,12 @@ from contextlib import contextmanager
 
 import numpy as np
 
-from knowledge.chunking import Chunk, Chunker
-from knowledge.documents import DocumentInput, ValidDocument, WriteResult, validate_document
+from knowledge.chunking import Chunk, Chunker, Chunking
+from knowledge.documents import DocumentInput, Metadata, ValidDocument, WriteResult, validate_document
 from knowledge.embedding import Embedder
 from knowledge.errors import CollectionNotFound, DocumentNotFound, InvalidDocument, KnowledgeError
 from knowledge.filters import as_float
-from knowledge.records import CollectionRow, Publication, RecordStore
+from knowledge.records import CollectionRow, DocumentRow, Publication, RecordStore
 from knowledge.vectors import MissingVectors, VectorStore, chunk_id
 from knowledge.versions import Versions
 
@@ -71,19 +71,36 @@ class Ingestion:
         records: RecordStore,
         vectors: VectorStore,
         versions: Versions,
-        chunker: Chunker,
         embedder: Embedder,
         max_document_chars: int,
-        title_key: str | None,
     ):
         self._records = records
         self._vectors = vectors
         self._versions = versions
-        self._chunker = chunker
         self._embedder = embedder
         self._max_chars = max_document_chars
-        self._title_key = title_key
         self._locks = DocumentLocks()
+        self._chunkers: dict[tuple[int, int], Chunker] = {}
+        self._chunkers_lock = threading.Lock()
+
+    def chunker(self, chunking: Chunking) -> Chunker:
+        """The chunker of a collection's recorded settings (one per size and overlap, made once)."""
+        key = (chunking.size, chunking.overlap)
+        with self._chunkers_lock:
+            if key not in self._chunkers:
+                self._chunkers[key] = Chunker(self._embedder.tokenizer, chunking.size, chunking.overlap)
+            return self._chunkers[key]
+
+    def embed(self, chunking: Chunking, docs: Sequence[tuple[str, Metadata]]) -> tuple[list[list[Chunk]], np.ndarray]:
+        """Each (text, metadata)'s chunks, and the vectors of all of them in order."""
+        chunker = self.chunker(chunking)
+        chunks = [chunker.split(text) for text, _ in docs]
+        texts = [
+            _context(metadata, chunking.title_key) + chunk.text
+            for (_, metadata), parts in zip(docs, chunks, strict=True)
+            for chunk in parts
+        ]
+        return chunks, self._embedder.encode(texts)
 
     def put(self, collection: CollectionRow, items: Sequence[object]) -> list[WriteResult | KnowledgeError]:
         """Write each item; a bad item gets its error in its slot and does not stop the others."""
@@ -114,20 +131,50 @@ class Ingestion:
             else:
                 todo[i] = doc
         if todo:
-            chunks = {i: self._chunker.split(doc.text) for i, doc in todo.items()}
-            contexts = {i: self._context(doc) for i, doc in todo.items()}
-            vectors = self._embedder.encode([contexts[i] + chunk.text for i in todo for chunk in chunks[i]])
+            collection.chunking.require_embedder(collection.name, self._embedder.identity)
+            split, vectors = self.embed(collection.chunking, [(doc.text, doc.metadata) for doc in todo.values()])
+            chunks = dict(zip(todo, split, strict=True))
             with self._locks.holding((collection.id, doc.doc_id) for doc in todo.values()):
                 results_written = self._write(collection, todo, chunks, vectors)
             for i, result in results_written.items():
                 results[i] = result
         return results  # type: ignore[return-value]
 
-    def _context(self, doc: ValidDocument) -> str:
-        """What is embedded before each chunk of `doc`: its title line, so a chunk deep in a page
-        about `sort` is still about sort (all-MiniLM-L6-v2 sees one chunk at a time)."""
-        title = doc.metadata.get(self._title_key) if self._title_key else None
-        return f"{title.strip()}\n" if isinstance(title, str) and title.strip() else ""
+    def copy(self, target: CollectionRow, docs: Sequence[DocumentRow]) -> None:
+        """Write these documents (another collection's rows, with text) into `target`, cut by its
+        chunking, at their own versions and times, replacing whatever it holds of them: a reindex's
+        copy. Only for a collection no search reads."""
+        chunks, vectors = self.embed(target.chunking, [(doc.text or "", doc.metadata) for doc in docs])
+        doc_ids = [doc.doc_id for doc in docs]
+        with self._locks.holding((target.id, doc_id) for doc_id in doc_ids):
+            self._remove(target, doc_ids)
+            with self._records.transaction() as tx:
+                leftover = self._records.add_intents(tx, target.id, doc_ids, time.time())
+            publications = [
+                Publication(doc.doc_id, doc.version, doc.content_hash, doc.metadata, doc.text or "", parts,
+                            doc.created_at, doc.updated_at)
+                for doc, parts in zip(docs, chunks, strict=True)
+            ]
+            self._publish(target, publications, vectors, {}, leftover)
+
+    def discard(self, target: CollectionRow, doc_ids: Sequence[str]) -> None:
+        """Remove these documents from `target`, no search waited for: a reindex's copy of
+        documents deleted from the live collection since."""
+        with self._locks.holding((target.id, doc_id) for doc_id in doc_ids):
+            self._remove(target, doc_ids)
+
+    def _remove(self, target: CollectionRow, doc_ids: Sequence[str]) -> None:
+        with self._records.reading() as conn:
+            present = list(self._records.current(conn, target.id, doc_ids))
+        if not present:
+            return
+        for doc_id in present:
+            self._vectors.delete_stale(target.chroma_name, doc_id, keep_version=None)
+        with self._records.transaction() as tx:
+            for doc_id in present:
+                self._records.remove_document(tx, target.id, doc_id)
+                self._records.drop_chunks(tx, target.id, doc_id, keep_version=None)
+        self._versions.settle(self._versions.flip(target.id, dict.fromkeys(present)), target.id, present)
 
     def _write(
         self,
@@ -136,13 +183,13 @@ class Ingestion:
         chunks: dict[int, list[Chunk]],
         vectors: np.ndarray,
     ) -> dict[int, WriteResult]:
-        cid, name = collection.id, collection.chroma_name
+        cid = collection.id
         now = time.time()
         results: dict[int, WriteResult] = {}
         publications: list[Publication] = []
-        rows: list[int] = []  # row of `vectors` where each publication's chunks start
         old: dict[str, tuple[int, int]] = {}  # doc_id → (version, chunks) being replaced
         row = 0
+        embeddings: list[np.ndarray] = []
         with self._records.transaction() as tx:
             if not self._records.collection_exists(tx, cid):
                 raise CollectionNotFound(collection.name)
@@ -159,27 +206,39 @@ class Ingestion:
                     publications.append(
                         Publication(doc.doc_id, version, doc.content_hash, doc.metadata, doc.text, chunks[i])
                     )
-                    rows.append(row)
+                    embeddings.append(vectors[row : row + len(chunks[i])])
                     results[i] = WriteResult(doc.doc_id, version, "updated" if found else "created", len(chunks[i]))
                 row += len(chunks[i])
             leftover = self._records.add_intents(tx, cid, [p.doc_id for p in publications], now)
-        if not publications:
-            return results
+        if publications:
+            self._publish(collection, publications, np.concatenate(embeddings), old, leftover)
+        return results
+
+    def _publish(
+        self,
+        collection: CollectionRow,
+        publications: list[Publication],
+        vectors: np.ndarray,
+        old: dict[str, tuple[int, int]],
+        leftover: list[str],
+    ) -> None:
+        """Steps 1 to 3 for documents whose intents are written: `vectors` holds their chunks'
+        in order; `old` the (version, chunks) each replaces; `leftover` those an earlier write left."""
+        cid, name = collection.id, collection.chroma_name
         doc_ids = [p.doc_id for p in publications]
         try:
             if leftover:  # an earlier write of these documents failed half-way
                 self.repair(collection, leftover)
-            ids, embeddings, metadatas = [], [], []
-            for publication, start in zip(publications, rows, strict=True):
+            ids, metadatas = [], []
+            for publication in publications:
                 for chunk in publication.chunks:
                     ids.append(chunk_id(publication.doc_id, publication.version, chunk.index))
                     metadatas.append(_chunk_metadata(publication, chunk))
-                embeddings.append(vectors[start : start + len(publication.chunks)])
-            self._vectors.upsert(name, ids, np.concatenate(embeddings), metadatas)
+            self._vectors.upsert(name, ids, vectors, metadatas)
             with self._records.transaction() as tx:
                 if not self._records.collection_exists(tx, cid):
                     raise CollectionNotFound(collection.name)
-                self._records.publish(tx, cid, publications, now)
+                self._records.publish(tx, cid, publications, time.time())
         except BaseException as exc:
             self._abandon(collection, doc_ids)
             if isinstance(exc, MissingVectors):
@@ -200,7 +259,6 @@ class Ingestion:
             # The new versions are live and searches ignore the old ones; the intents stay, so
             # the next write of these documents, or the next open, finishes the clean-up.
             log.warning("could not delete replaced chunks in %r; left for repair", collection.name, exc_info=True)
-        return results
 
     def _abandon(self, collection: CollectionRow, doc_ids: list[str]) -> None:
         """Best effort after a failed write: remove every chunk of these documents except their
@@ -259,6 +317,13 @@ class Ingestion:
             with self._records.transaction() as tx:
                 self._records.clear_intents(tx, collection.id, [doc_id])
         return len(intents)
+
+
+def _context(metadata: Metadata, title_key: str | None) -> str:
+    """What is embedded before each chunk of a document: its title line, so a chunk deep in a
+    page about `sort` is still about sort (all-MiniLM-L6-v2 sees one chunk at a time)."""
+    title = metadata.get(title_key) if title_key else None
+    return f"{title.strip()}\n" if isinstance(title, str) and title.strip() else ""
 
 
 def _chunk_metadata(publication: Publication, chunk: Chunk) -> dict:

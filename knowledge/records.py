@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from knowledge.chunking import Chunk
+from knowledge.chunking import Chunk, Chunking
 from knowledge.documents import DEFAULT_TENANT, Metadata, canonical_json
 from knowledge.keywords import KeywordIndex, MissingIndex, build
 
@@ -30,6 +30,8 @@ COLLECTIONS = """(
     chroma_name TEXT NOT NULL,
     metadata TEXT NOT NULL,
     created_at REAL NOT NULL,
+    chunking TEXT NOT NULL DEFAULT '',  -- chunking.Chunking as JSON
+    reindex_of INTEGER,  -- a reindex's shadow: the id of the collection it will replace; NULL: live
     UNIQUE (tenant, name)
 )"""
 SCHEMA = f"""
@@ -82,6 +84,19 @@ class CollectionRow:
     chroma_name: str
     metadata: Metadata
     created_at: float
+    chunking: Chunking
+
+
+_COLLECTION = "c.id, c.name, c.chroma_name, c.metadata, c.created_at, c.chunking"
+
+
+def _collection(row: Sequence) -> CollectionRow:
+    return CollectionRow(row[0], row[1], row[2], json.loads(row[3]), row[4], Chunking.from_json(row[5]))
+
+
+def shadow_name(live_id: int) -> str:
+    # "~" is outside COLLECTION_NAME's alphabet: no caller can name, find or collide with a shadow.
+    return f"~reindex-{live_id}"
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,9 @@ class Publication:
     metadata: Metadata
     text: str
     chunks: Sequence[Chunk]
+    # A reindex copies a document with its own times; None: the time of the write.
+    created_at: float | None = None
+    updated_at: float | None = None
 
 
 # Stores written before the in-memory keyword index have an FTS5 table per collection that
@@ -131,7 +149,9 @@ def _connect(path: Path) -> sqlite3.Connection:
 
 
 class RecordStore:
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, chunking: Chunking):
+        """`chunking`: what to record for collections made before chunking was recorded (the
+        settings they were most likely written with: the ones in force now)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         self._path = path
         self._writer = _connect(path)
@@ -150,6 +170,7 @@ class RecordStore:
             # executescript commits whatever is open first, so it runs outside transaction().
             self._writer.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
         self._add_tenants()
+        self._add_chunking(chunking)
         # Only now: with foreign keys on, the migration's DROP TABLE would cascade to the documents.
         self._writer.execute("PRAGMA foreign_keys = ON")
         with self.transaction() as tx:
@@ -192,11 +213,21 @@ class RecordStore:
             if broken:
                 raise RuntimeError(f"adding tenants to {self._path} left rows without their collection: {broken[:5]}")
 
+    def _add_chunking(self, chunking: Chunking) -> None:
+        with self.transaction() as tx:
+            columns = [row[1] for row in tx.execute("PRAGMA table_info(collections)")]
+            if "chunking" not in columns:
+                tx.execute("ALTER TABLE collections ADD COLUMN chunking TEXT NOT NULL DEFAULT ''")
+                tx.execute("ALTER TABLE collections ADD COLUMN reindex_of INTEGER")
+            tx.execute("UPDATE collections SET chunking = ? WHERE chunking = ''", (chunking.to_json(),))
+
     def _load_keywords(self) -> None:
         with self.transaction() as tx:
             for (name,) in tx.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
                 if OLD_FTS_TABLE.fullmatch(name):
                     tx.execute(f"DROP TABLE {name}")
+            # The old index's rows, if a process stopped between a reindex's cut-over and its clean-up.
+            tx.execute("DELETE FROM chunks WHERE collection_id NOT IN (SELECT id FROM collections)")
         with self.reading() as conn:
             for (cid,) in conn.execute("SELECT id FROM collections").fetchall():
                 index = self._keywords[cid] = KeywordIndex()
@@ -253,23 +284,27 @@ class RecordStore:
     # Collections
 
     def collection(self, tenant: str, name: str, conn: sqlite3.Connection | None = None) -> CollectionRow | None:
-        sql = "SELECT id, name, chroma_name, metadata, created_at FROM collections WHERE tenant = ? AND name = ?"
+        sql = f"SELECT {_COLLECTION} FROM collections c WHERE tenant = ? AND name = ? AND reindex_of IS NULL"
         if conn is not None:
             row = conn.execute(sql, (tenant, name)).fetchone()
         else:
             with self.reading() as reader:
                 row = reader.execute(sql, (tenant, name)).fetchone()
-        return None if row is None else CollectionRow(row[0], row[1], row[2], json.loads(row[3]), row[4])
+        return None if row is None else _collection(row)
 
     def collections(self, tenant: str) -> list[tuple[CollectionRow, int]]:
         with self.reading() as conn:
             rows = conn.execute(
-                "SELECT id, name, chroma_name, metadata, created_at,"
-                " (SELECT COUNT(*) FROM documents d WHERE d.collection_id = c.id)"
-                " FROM collections c WHERE tenant = ? ORDER BY name",
+                f"SELECT {_COLLECTION}, (SELECT COUNT(*) FROM documents d WHERE d.collection_id = c.id)"
+                " FROM collections c WHERE tenant = ? AND reindex_of IS NULL ORDER BY name",
                 (tenant,),
             ).fetchall()
-        return [(CollectionRow(r[0], r[1], r[2], json.loads(r[3]), r[4]), r[5]) for r in rows]
+        return [(_collection(r), r[6]) for r in rows]
+
+    def shadow(self, conn: sqlite3.Connection, live_id: int) -> CollectionRow | None:
+        """The shadow an unfinished reindex of collection `live_id` is building, if any."""
+        row = conn.execute(f"SELECT {_COLLECTION} FROM collections c WHERE reindex_of = ?", (live_id,)).fetchone()
+        return None if row is None else _collection(row)
 
     def chroma_names(self) -> set[str]:
         """Every tenant's: what the Chroma side should hold."""
@@ -282,24 +317,44 @@ class RecordStore:
         return row[0]
 
     def insert_collection(
-        self, tx: sqlite3.Connection, tenant: str, name: str, metadata: Metadata, now: float
+        self, tx: sqlite3.Connection, tenant: str, name: str, metadata: Metadata, now: float, chunking: Chunking,
+        reindex_of: int | None = None,
     ) -> CollectionRow:
         cid = tx.execute(
-            "INSERT INTO collections (tenant, name, chroma_name, metadata, created_at) VALUES (?, ?, '', ?, ?)",
-            (tenant, name, canonical_json(metadata), now),
+            "INSERT INTO collections (tenant, name, chroma_name, metadata, created_at, chunking, reindex_of)"
+            " VALUES (?, ?, '', ?, ?, ?, ?)",
+            (tenant, name, canonical_json(metadata), now, chunking.to_json(), reindex_of),
         ).lastrowid
         chroma_name = f"lorag-{self.instance}-{cid}"
         tx.execute("UPDATE collections SET chroma_name = ? WHERE id = ?", (chroma_name, cid))
         # In place before the commit, so that no search finds the collection without its index.
         self._keywords[cid] = KeywordIndex()
         self._on_rollback.append(lambda: self._keywords.pop(cid, None))
-        return CollectionRow(cid, name, chroma_name, metadata, now)
+        return CollectionRow(cid, name, chroma_name, metadata, now, chunking)
 
     def delete_collection(self, tx: sqlite3.Connection, collection_id: int) -> None:
         self._on_commit.append(lambda: self._keywords.pop(collection_id, None))
         for table in ("chunks", "intents", "documents"):
             tx.execute(f"DELETE FROM {table} WHERE collection_id = ?", (collection_id,))
         tx.execute("DELETE FROM collections WHERE id = ?", (collection_id,))
+
+    def cut_over(self, tx: sqlite3.Connection, live: CollectionRow, shadow: CollectionRow) -> None:
+        """The shadow becomes the collection (name, metadata, creation time); the live row and its
+        documents go. Its chunk rows and keyword index stay for the searches still reading them,
+        until `forget`."""
+        for table in ("intents", "documents"):
+            tx.execute(f"DELETE FROM {table} WHERE collection_id = ?", (live.id,))
+        tx.execute("DELETE FROM collections WHERE id = ?", (live.id,))
+        tx.execute(
+            "UPDATE collections SET name = ?, metadata = ?, created_at = ?, reindex_of = NULL WHERE id = ?",
+            (live.name, canonical_json(live.metadata), live.created_at, shadow.id),
+        )
+
+    def forget(self, collection_id: int) -> None:
+        """Drop a replaced collection's chunk rows and keyword index (its row is already gone)."""
+        with self.transaction() as tx:
+            tx.execute("DELETE FROM chunks WHERE collection_id = ?", (collection_id,))
+        self._keywords.pop(collection_id, None)
 
     def collection_exists(self, tx: sqlite3.Connection, collection_id: int) -> bool:
         return tx.execute("SELECT 1 FROM collections WHERE id = ?", (collection_id,)).fetchone() is not None
@@ -323,13 +378,23 @@ class RecordStore:
             ).fetchall()
         return [_document(row) for row in rows]
 
-    def current(self, conn: sqlite3.Connection, collection_id: int, doc_ids: Iterable[str]) -> dict[str, DocumentRow]:
-        """Active version, hash and chunk count of each listed document that exists."""
+    def fingerprints(self, collection_id: int) -> dict[str, tuple[int, str]]:
+        """doc_id → (active version, content hash) of every document in the collection."""
+        with self.reading() as conn:
+            rows = conn.execute(
+                "SELECT doc_id, version, content_hash FROM documents WHERE collection_id = ?", (collection_id,)
+            ).fetchall()
+        return {doc_id: (version, digest) for doc_id, version, digest in rows}
+
+    def current(
+        self, conn: sqlite3.Connection, collection_id: int, doc_ids: Iterable[str], *, text: bool = False
+    ) -> dict[str, DocumentRow]:
+        """Active version, hash and chunk count (and text) of each listed document that exists."""
         found = {}
+        columns = "doc_id, version, content_hash, metadata, chunks, created_at, updated_at" + (", text" if text else "")
         for doc_id in doc_ids:
             row = conn.execute(
-                "SELECT doc_id, version, content_hash, metadata, chunks, created_at, updated_at FROM documents"
-                " WHERE collection_id = ? AND doc_id = ?",
+                f"SELECT {columns} FROM documents WHERE collection_id = ? AND doc_id = ?",
                 (collection_id, doc_id),
             ).fetchone()
             if row is not None:
@@ -357,7 +422,8 @@ class RecordStore:
                 " ON CONFLICT (collection_id, doc_id) DO UPDATE SET version = excluded.version,"
                 " content_hash = excluded.content_hash, metadata = excluded.metadata, text = excluded.text,"
                 " chunks = excluded.chunks, updated_at = excluded.updated_at",
-                (collection_id, doc.doc_id, doc.version, doc.content_hash, meta, doc.text, len(doc.chunks), now, now),
+                (collection_id, doc.doc_id, doc.version, doc.content_hash, meta, doc.text, len(doc.chunks),
+                 doc.created_at or now, doc.updated_at or now),
             )
             tx.executemany(
                 'INSERT INTO chunks (collection_id, doc_id, version, idx, start, "end", text, metadata)'
@@ -413,10 +479,9 @@ class RecordStore:
     def intents(self) -> list[tuple[CollectionRow, str]]:
         with self.reading() as conn:
             rows = conn.execute(
-                "SELECT c.id, c.name, c.chroma_name, c.metadata, c.created_at, i.doc_id"
-                " FROM intents i JOIN collections c ON c.id = i.collection_id"
+                f"SELECT {_COLLECTION}, i.doc_id FROM intents i JOIN collections c ON c.id = i.collection_id"
             ).fetchall()
-        return [(CollectionRow(r[0], r[1], r[2], json.loads(r[3]), r[4]), r[5]) for r in rows]
+        return [(_collection(r), r[6]) for r in rows]
 
     # Search
 

@@ -7,7 +7,9 @@ than a dense hit barely ahead; on bench.retrieval_bench's dev half it ranked the
 first less often than keyword search alone, and normalised scores did not.
 
 Every hit is checked against the version map (see versions.py), so only the version of a
-document that was active when the search started is ever returned.
+document that was active when the search started is ever returned. The collection itself is
+looked up inside that snapshot too, so a reindex's cut-over (reindexing.py) never deletes an
+old index under a search that found it.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ class Searcher:
 
     def search(
         self,
-        collection: CollectionRow,
+        resolve: Callable[[], CollectionRow],
         query: str,
         top_k: int,
         mode: Mode,
@@ -132,6 +134,9 @@ class Searcher:
         keyword: Ranked = []
         dense_ms = keyword_ms = 0.0
         with self._versions.reading() as seq, self._records.reading() as conn:
+            collection = resolve()
+            if mode != "keyword":
+                collection.chunking.require_embedder(collection.name, self._embedder.identity)
             rows = {}
             if mode != "keyword":
                 t = time.perf_counter()

@@ -32,18 +32,21 @@ class KnowledgeSettings(BaseSettings):
     )
     embedder_path: Path | None = Field(
         None,
-        description="sentence-transformers model directory; unset: the packaged all-MiniLM-L6-v2 weights.",
+        description="sentence-transformers model directory; unset: the packaged all-MiniLM-L6-v2 weights. "
+        "Collections embedded with another model need `lorag docs reindex`.",
     )
     embedder_device: str = Field("cpu", description="torch device the embedder runs on ('cpu', 'cuda', ...).")
     # 240 of all-MiniLM-L6-v2's 254: on bench.retrieval_bench's dev half, 240-token chunks put
     # the answer in the top 3 more often than 200 (0.85 against 0.77, hybrid), and leave
     # room for the title line embedded before each chunk.
-    chunk_tokens: int = Field(240, ge=8, description="Largest chunk, in embedder tokens.")
-    chunk_overlap: int = Field(48, ge=0, description="Tokens shared by consecutive chunks; below chunk_tokens.")
+    chunk_tokens: int = Field(240, ge=8, description="Largest chunk, in embedder tokens, for new collections.")
+    chunk_overlap: int = Field(
+        48, ge=0, description="Tokens shared by consecutive chunks, for new collections; below chunk_tokens."
+    )
     embed_title_key: str | None = Field(
         "title",
         description="Metadata key whose text is embedded with each of the document's chunks, as context "
-        "(the chunk's stored text is unchanged); empty: chunks are embedded alone. Applies to documents written after a change.",
+        "(the chunk's stored text is unchanged); empty: chunks are embedded alone. The default for new collections.",
     )
     # 0.6: chosen on bench.retrieval_bench's dev half (0.3 to 0.7 tried).
     hybrid_dense_weight: float = Field(

@@ -90,6 +90,12 @@ class Versions:
                     active[doc_id] = version
             return self._seq
 
+    def barrier(self) -> int:
+        """The next sequence number, changing nothing: settling it waits out every search running now."""
+        with self._cond:
+            self._seq += 1
+            return self._seq
+
     def settle(self, seq: int, collection_id: int | None = None, doc_ids: Iterable[str] = ()) -> None:
         """Wait until no search that started before flip `seq` is running; then forget the old versions."""
         with self._cond:

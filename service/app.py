@@ -107,6 +107,7 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
             retrieval = Retrieval(kb, builder, settings, query_encoder)
             stack.push_async_callback(retrieval.close)
             app.state.knowledge = KnowledgeService(kb, settings)
+            stack.callback(app.state.knowledge.close)  # before kb.close: stops the reindexes first
             adapters.set_knowledge(app.state.knowledge)  # before any request: uploads check their rag.collection
             app.state.engines = engines
             app.state.catalog = catalog

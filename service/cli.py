@@ -43,6 +43,15 @@ def main(argv: list[str] | None = None) -> int:
     search.add_argument("--top-k", type=int, default=5)
     search.add_argument("--mode", choices=["hybrid", "dense", "keyword"], default="hybrid")
     search.add_argument("--filter", type=json.loads, help='metadata filter as JSON, e.g. \'{"lang": "en"}\'')
+    reindex = docs_commands.add_parser(
+        "reindex", help="rebuild a collection's chunks and vectors (new chunking, or a new embedder) without downtime",
+        description="Searches see the old index until one atomic cut-over; an interrupted reindex leaves the old "
+        "index serving, and running the same command again resumes it. Options left out keep the collection's values.")
+    reindex.add_argument("collection", metavar="COLLECTION")
+    reindex.add_argument("--size", type=int, help="largest chunk, in embedder tokens")
+    reindex.add_argument("--overlap", type=int, help="tokens shared by consecutive chunks")
+    reindex.add_argument("--strategy", choices=["tokens"], help="how chunks are cut")
+    reindex.add_argument("--title-key", help='metadata key embedded before each chunk as context ("": none)')
 
     adapters = commands.add_parser("adapters", help="push, list, activate, roll back or delete a running service's adapters")
     _remote_options(adapters)
@@ -119,13 +128,18 @@ def main(argv: list[str] | None = None) -> int:
 def _docs(args: argparse.Namespace) -> int:
     import httpx
 
-    from service.knowledge.client import DocsClient, print_hits, summary
+    from service.knowledge.client import DocsClient, print_hits, reindex_summary, summary
 
     client = DocsClient(args.url, args.collection, args.api_key)
     try:
         if args.docs_command == "search":
             print_hits(client.search(args.query, args.top_k, args.mode, args.filter))
             return 0
+        if args.docs_command == "reindex":
+            chunking = {"size": args.size, "overlap": args.overlap, "strategy": args.strategy, "title_key": args.title_key}
+            status = client.reindex({k: v for k, v in chunking.items() if v is not None})
+            print(reindex_summary(status))
+            return 0 if status["state"] == "done" else 1
         client.ensure_collection()
         outcomes = client.push(args.paths)
     except httpx.TransportError as exc:

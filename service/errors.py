@@ -16,7 +16,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Send
 
-from knowledge.errors import CollectionExists, CollectionNotFound, DocumentNotFound, KnowledgeError, StoreUnavailable
+from knowledge.errors import (
+    CollectionExists,
+    CollectionNotFound,
+    DocumentNotFound,
+    KnowledgeError,
+    ReindexRequired,
+    ReindexRunning,
+    StoreUnavailable,
+)
 from knowledge.parsing import UnreadableFile, UnsupportedFile
 
 log = logging.getLogger(__name__)
@@ -200,6 +208,8 @@ _KNOWLEDGE_STATUS: dict[type[KnowledgeError], tuple[int, str]] = {
     CollectionNotFound: (404, "not_found_error"),
     DocumentNotFound: (404, "not_found_error"),
     CollectionExists: (409, "conflict_error"),
+    ReindexRequired: (409, "conflict_error"),
+    ReindexRunning: (409, "conflict_error"),
     UnsupportedFile: (415, "invalid_request_error"),
     UnreadableFile: (422, "invalid_request_error"),
     StoreUnavailable: (503, "service_unavailable"),

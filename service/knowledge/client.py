@@ -1,9 +1,10 @@
-"""`lorag docs push|search`: the knowledge API from the command line, against a running service."""
+"""`lorag docs push|search|reindex`: the knowledge API from the command line, against a running service."""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -107,6 +108,35 @@ class DocsClient:
         if response.status_code != 200:
             raise SystemExit(f"lorag docs search: {_message(response)}")
         return response.json()
+
+
+    def reindex(self, chunking: dict, poll_s: float = 0.5) -> dict:
+        """Start a reindex and follow it to its end; returns its final status."""
+        body = {"chunking": chunking} if chunking else None
+        response = self._http.post(f"/v1/collections/{self._collection}/reindex", json=body)
+        if response.status_code != 202:
+            raise SystemExit(f"lorag docs reindex: {_message(response)}")
+        status = response.json()["reindex"]
+        with tqdm(unit="doc", desc=f"reindex {self._collection}", file=sys.stderr) as bar:
+            while status["state"] == "running":
+                time.sleep(poll_s)
+                response = self._http.get(f"/v1/collections/{self._collection}")
+                if response.status_code != 200:
+                    raise SystemExit(f"lorag docs reindex: {_message(response)}")
+                status = response.json()["reindex"]
+                bar.total = status["documents"]
+                bar.n = status["copied"] + status["reused"]
+                bar.refresh()
+        return status
+
+
+def reindex_summary(status: dict) -> str:
+    chunking = status["chunking"]
+    settings = f"size {chunking['size']}, overlap {chunking['overlap']}, title key {chunking['title_key']}"
+    if status["state"] == "done":
+        return (f"reindexed {status['documents']} documents ({status['copied']} embedded again, "
+                f"{status['reused']} resumed) with {settings}")
+    return f"reindex {status['state']}: {status['error']}; the old index is still serving"
 
 
 def summary(outcomes: list[Outcome]) -> str:

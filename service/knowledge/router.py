@@ -15,6 +15,7 @@ from service.knowledge.schemas import (
     DocumentOut,
     DocumentPage,
     DocumentPut,
+    ReindexRequest,
     SearchRequest,
     SearchResponse,
     WriteResultOut,
@@ -33,7 +34,8 @@ def _write_status(response: Response, result: dict) -> dict:
 @router.post("", response_model=CollectionOut, status_code=status.HTTP_201_CREATED)
 async def create_collection(body: CollectionCreate, knowledge: Knowledge, tenant: Tenant) -> dict:
     """Create a collection in the caller's tenant (409 if the tenant has one of that name)."""
-    return await knowledge.create_collection(body.name, body.metadata, tenant=tenant)
+    chunking = body.chunking.model_dump(exclude_none=True) if body.chunking else None
+    return await knowledge.create_collection(body.name, body.metadata, chunking, tenant=tenant)
 
 
 @router.get("")
@@ -53,6 +55,14 @@ async def delete_collection(name: str, knowledge: Knowledge, tenant: Tenant) -> 
     """Delete a collection with all its documents and chunks."""
     await knowledge.delete_collection(name, tenant=tenant)
     return {"id": name, "object": "collection", "deleted": True}
+
+
+@router.post("/{name}/reindex", response_model=CollectionOut, status_code=status.HTTP_202_ACCEPTED)
+async def reindex(name: str, knowledge: Knowledge, tenant: Tenant, body: ReindexRequest | None = None) -> dict:
+    """Rebuild every document's chunks and vectors (new chunking, or this service's embedder) in the
+    background; searches see the old index until one atomic cut-over. Poll the collection's `reindex`."""
+    chunking = body.chunking.model_dump(exclude_none=True) if body and body.chunking else None
+    return await knowledge.reindex(name, chunking, tenant=tenant)
 
 
 @router.post("/{name}/search", response_model=SearchResponse)

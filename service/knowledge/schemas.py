@@ -10,11 +10,52 @@ from pydantic import BaseModel, ConfigDict, Field
 Scalar = str | int | float | bool
 
 
+class ChunkingIn(BaseModel):
+    """How to cut and embed documents; a field left out keeps its current (or default) value."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: int | None = Field(None, description="Largest chunk, in embedder tokens (8 to the embedder's window).")
+    overlap: int | None = Field(None, description="Tokens shared by consecutive chunks; below size.")
+    strategy: Literal["tokens"] | None = Field(None, description="tokens: windows cut where words start.")
+    title_key: str | None = Field(
+        None, description="Metadata key whose text is embedded before each chunk as context; \"\": none."
+    )
+
+
 class CollectionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="3 to 63 characters: lowercase letters, digits, '-' and '_', starting alphanumeric.")
     metadata: dict[str, Scalar] = Field(default_factory=dict)
+    chunking: ChunkingIn | None = Field(None, description="Instead of the service's LORAG_CHUNK_* defaults.")
+
+
+class ReindexRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    chunking: ChunkingIn | None = Field(None, description="Changes to the collection's chunking; none: rebuild as is.")
+
+
+class ChunkingOut(BaseModel):
+    size: int
+    overlap: int
+    strategy: str
+    title_key: str | None
+    embedder: str = Field(description="The model whose vectors the collection holds: name, size, weights hash.")
+
+
+class ReindexOut(BaseModel):
+    state: Literal["running", "done", "failed", "interrupted"] = Field(
+        description="interrupted: stopped before its cut-over; the old index serves, and reindexing again resumes."
+    )
+    chunking: ChunkingOut = Field(description="What the collection is being (or was) rebuilt with.")
+    documents: int = Field(description="Documents in the collection when the rebuild began.")
+    copied: int = Field(description="Documents chunked and embedded again so far.")
+    reused: int = Field(description="Documents a resumed rebuild had already done.")
+    started_at: datetime
+    finished_at: datetime | None
+    error: str | None
 
 
 class CollectionOut(BaseModel):
@@ -23,6 +64,10 @@ class CollectionOut(BaseModel):
     metadata: dict[str, Any]
     created_at: datetime
     documents: int = Field(description="Documents in the collection.")
+    chunking: ChunkingOut = Field(description="How its documents are cut and embedded.")
+    reindex: ReindexOut | None = Field(
+        description="The last reindex this service ran on it since it started, or one left interrupted; else null."
+    )
 
 
 class DocumentPut(BaseModel):

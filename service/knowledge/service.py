@@ -6,6 +6,8 @@ Every call names the caller's tenant: collection names resolve inside it, nowher
 
 from __future__ import annotations
 
+import logging
+import threading
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
@@ -15,12 +17,15 @@ from anyio import CapacityLimiter, to_thread
 
 from knowledge import KnowledgeBase
 from knowledge.documents import DocumentInput
-from knowledge.errors import InvalidDocument
+from knowledge.errors import InvalidDocument, ReindexInterrupted
+from knowledge.reindexing import Reindex
 from service.errors import InvalidRequest, LimitExceeded
 from service.json_body import MalformedJson, parse_json
 from service.settings import Settings
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+REINDEX_STOP_S = 30  # how long closing waits for a reindex to reach its next batch
 
 
 class KnowledgeService:
@@ -30,13 +35,41 @@ class KnowledgeService:
         # Its own bound on threads: a burst of large ingests queues here instead of taking the
         # default pool's threads, which chat (query embedding) and key checks need.
         self._pool = CapacityLimiter(settings.knowledge_workers)
+        self._stop = threading.Event()  # set at shutdown: reindexes stop at their next batch
+        self._reindexes: set[threading.Thread] = set()
+
+    def close(self) -> None:
+        """Stop the reindexes under way; each leaves the old index serving and resumes when asked again."""
+        self._stop.set()
+        for thread in list(self._reindexes):
+            thread.join(REINDEX_STOP_S)
 
     async def _run(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking knowledge call in the knowledge pool."""
         return await to_thread.run_sync(partial(call, *args, **kwargs), limiter=self._pool)
 
-    async def create_collection(self, name: str, metadata: dict, *, tenant: str) -> dict:
-        return asdict(await self._run(self._kb.create_collection, name, metadata, tenant=tenant))
+    async def create_collection(self, name: str, metadata: dict, chunking: dict | None, *, tenant: str) -> dict:
+        return asdict(await self._run(self._kb.create_collection, name, metadata, chunking=chunking, tenant=tenant))
+
+    async def reindex(self, name: str, chunking: dict | None, *, tenant: str) -> dict:
+        """Start rebuilding the collection in the background; the collection, its reindex running."""
+        job = await self._run(self._kb.reindex, name, chunking, tenant=tenant)  # checks, claims: errors come back here
+        # A thread of its own, not the pool: a reindex takes minutes and would hold a pool slot all along.
+        thread = threading.Thread(target=self._reindex, args=(job, name), name=f"reindex-{name}", daemon=True)
+        self._reindexes.add(thread)
+        thread.start()
+        return await self.get_collection(name, tenant=tenant)
+
+    def _reindex(self, job: Reindex, name: str) -> None:
+        try:
+            status = job.run(self._stop)
+            log.info("reindexed %r: %d documents embedded again, %d reused", name, status.copied, status.reused)
+        except ReindexInterrupted:
+            log.info("the reindex of %r stopped with the service; reindex again to resume", name)
+        except Exception:
+            log.exception("the reindex of %r failed; the old index serves on", name)  # its status says why
+        finally:
+            self._reindexes.discard(threading.current_thread())
 
     async def list_collections(self, *, tenant: str) -> list[dict]:
         return [asdict(c) for c in await self._run(self._kb.list_collections, tenant=tenant)]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import sqlite3
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -224,3 +226,86 @@ def test_filters_keep_documents_out(client):
 
 def test_unknown_collection_search_is_404(client):
     _error(client.post("/v1/collections/nowhere/search", json={"query": "x"}), 404)
+
+
+def _reindexed(client, name: str, body: dict | None = None) -> dict:
+    """POST the reindex, then poll the collection until it ends; its final `reindex`."""
+    started = client.post(f"/v1/collections/{name}/reindex", json=body)
+    assert started.status_code == 202, started.text
+    assert started.json()["reindex"]["state"] in ("running", "done")
+    for _ in range(600):
+        status = client.get(f"/v1/collections/{name}").json()["reindex"]
+        if status["state"] != "running":
+            return status
+        time.sleep(0.1)
+    raise AssertionError(f"the reindex of {name} did not end: {status}")
+
+
+def test_collections_record_their_chunking_and_reindex_changes_it(client):
+    created = client.post("/v1/collections", json={"name": "tides", "chunking": {"size": 16, "overlap": 0}})
+    assert created.status_code == 201, created.text
+    chunking = created.json()["chunking"]
+    assert (chunking["size"], chunking["overlap"], chunking["strategy"], chunking["title_key"]) == (16, 0, "tokens", "title")
+    assert chunking["embedder"] == client.app.state.knowledge._kb.embedder.identity
+    text = " ".join(f"High water at berth {i} comes at {i % 12} o'clock." for i in range(12))
+    assert client.put("/v1/collections/tides/documents/table", json={"text": text}).json()["chunks"] > 4
+
+    status = _reindexed(client, "tides", {"chunking": {"size": 64, "title_key": ""}})
+    assert status["state"] == "done" and (status["documents"], status["copied"]) == (1, 1), status
+    got = client.get("/v1/collections/tides").json()
+    assert (got["chunking"]["size"], got["chunking"]["overlap"], got["chunking"]["title_key"]) == (64, 0, None)
+    doc = client.get("/v1/collections/tides/documents/table").json()
+    assert doc["version"] == 1 and doc["chunks"] == 3
+    hits = client.post("/v1/collections/tides/search", json={"query": "berth 7 high water", "top_k": 10}).json()["data"]
+    assert {h["index"] for h in hits} == {0, 1, 2}
+    assert _reindexed(client, "tides")["state"] == "done"  # no body: rebuilt as is
+    assert client.get("/v1/collections/tides").json()["chunking"]["size"] == 64
+    assert client.delete("/v1/collections/tides").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "hint"),
+    [
+        ({"chunking": {"size": 3}}, "from 8 to 254"),
+        ({"chunking": {"overlap": 64}}, "from 0 to size - 1"),
+        ({"chunking": {"strategy": "pages"}}, "strategy"),
+        ({"chunking": {"tokens": 64}}, "tokens"),
+        ({"size": 64}, "size"),
+    ],
+)
+def test_bad_chunking_is_a_400_and_changes_nothing(client, body, hint):
+    error = _error(client.post(f"{C}/reindex", json=body), 400)
+    assert hint in error["message"] or hint in (error["param"] or ""), error
+    error = _error(client.post("/v1/collections", json={"name": "badchunks", **body}), 400)
+    assert hint in error["message"] or hint in (error["param"] or ""), error
+    _error(client.get("/v1/collections/badchunks"), 404)
+    reindex = client.get(C).json()["reindex"]
+    assert reindex is None or reindex["state"] == "done"  # nothing was started (another test may have run one)
+
+
+def test_reindex_conflicts_and_unknown_collections(client):
+    _error(client.post("/v1/collections/nowhere/reindex"), 404)
+    kb = client.app.state.knowledge._kb
+    job = kb.reindex("harbour")  # claimed, as by a reindex under way
+    error = _error(client.post(f"{C}/reindex"), 409)
+    assert error["code"] == "reindex_running" and "already being reindexed" in error["message"]
+    assert client.get(C).json()["reindex"]["state"] == "running"
+    assert job.run().state == "done"
+    assert client.get(C).json()["reindex"]["state"] == "done"
+
+
+def test_a_collection_of_another_embedder_answers_409_until_reindexed(client):
+    assert client.post("/v1/collections", json={"name": "moved"}).status_code == 201
+    client.put("/v1/collections/moved/documents/pilot", json={"text": "Pilots board at the outer buoy."})
+    database = client.app.state.knowledge._kb.settings.database_path
+    with sqlite3.connect(database) as conn:
+        conn.execute("UPDATE collections SET chunking = json_set(chunking, '$.embedder', 'old-model:768d:0')"
+                     " WHERE name = 'moved'")
+    error = _error(client.post("/v1/collections/moved/search", json={"query": "pilots"}), 409)
+    assert error["code"] == "reindex_required" and "lorag docs reindex moved" in error["message"]
+    _error(client.put("/v1/collections/moved/documents/tug", json={"text": "Tugs wait at berth 2."}), 409)
+    keyword = client.post("/v1/collections/moved/search", json={"query": "pilots", "mode": "keyword"})
+    assert keyword.status_code == 200 and keyword.json()["data"][0]["doc_id"] == "pilot"
+    assert _reindexed(client, "moved")["state"] == "done"
+    assert client.post("/v1/collections/moved/search", json={"query": "pilots"}).json()["data"][0]["doc_id"] == "pilot"
+    assert client.delete("/v1/collections/moved").status_code == 200

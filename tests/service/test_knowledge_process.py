@@ -158,3 +158,51 @@ def test_docs_push_of_json_lines_ending_on_a_batch_boundary(gateway, tmp_path):
     assert pushed.returncode == 0, pushed.stdout + pushed.stderr
     assert "100 created, 0 updated, 0 unchanged, 0 failed" in pushed.stdout, pushed.stdout
     assert httpx.delete(f"{gateway.url}/v1/collections/tides").status_code == 200
+
+
+def test_a_reindex_stopped_with_the_service_resumes_from_the_cli(tmp_path):
+    gw = knowledge_gateway(tmp_path / "home").start()
+    try:
+        gw.wait_up()
+        url = f"{gw.url}/v1/collections/ledger"
+        assert httpx.post(f"{gw.url}/v1/collections", json={"name": "ledger"}).status_code == 201
+        for start in range(0, 320, 80):  # 320 documents: 10 copy batches
+            lines = [json.dumps({"id": f"entry-{i:03d}", "text": f"Ledger entry {i}: " + "dues paid at berth. " * 12})
+                     for i in range(start, start + 80)]
+            assert httpx.post(f"{url}/documents/bulk", content="\n".join(lines), timeout=300).status_code == 200
+        started = httpx.post(f"{url}/reindex", json={"chunking": {"size": 32, "overlap": 4}})
+        assert started.status_code == 202, started.text
+        while (status := httpx.get(url).json()["reindex"])["copied"] < 64:
+            assert status["state"] == "running", status
+            time.sleep(0.05)
+        code, _ = gw.stop(signal.SIGTERM)  # mid-reindex: the service stops at the next batch
+        assert code in (0, -signal.SIGTERM), gw.log_tail()
+        assert "the reindex of 'ledger' stopped with the service" in gw.log_tail()
+    finally:
+        if gw.proc.poll() is None:
+            gw.stop(signal.SIGKILL)
+
+    restarted = Gateway(gw.model, gw.home, env=gw.env).start()
+    try:
+        restarted.wait_up()
+        url = f"{restarted.url}/v1/collections/ledger"
+        got = httpx.get(url).json()
+        assert got["chunking"]["size"] == 240 and got["reindex"]["state"] == "interrupted", got
+        done_before = got["reindex"]["reused"]
+        assert 64 <= done_before < 320
+        hits = httpx.post(f"{url}/search", json={"query": "ledger entry 7 dues", "top_k": 3}).json()["data"]
+        assert hits and all(h["start"] == 0 and h["end"] > 250 for h in hits)  # the old index: a chunk a document
+        resumed = subprocess.run(
+            [sys.executable, "-m", "service.cli", "docs", "--url", restarted.url, "reindex", "ledger",
+             "--size", "32", "--overlap", "4"],
+            capture_output=True, text=True, timeout=600,
+        )
+        assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+        assert f"reindexed 320 documents ({320 - done_before} embedded again, {done_before} resumed)" in resumed.stdout
+        assert "reindex ledger" in resumed.stderr  # the progress bar
+        got = httpx.get(url).json()
+        assert (got["chunking"]["size"], got["documents"], got["reindex"]["state"]) == (32, 320, "done")
+        hits = httpx.post(f"{url}/search", json={"query": "ledger entry 7 dues", "top_k": 3}).json()["data"]
+        assert hits and all(h["end"] - h["start"] < 200 for h in hits)  # the new index: 32-token chunks
+    finally:
+        restarted.stop(signal.SIGTERM)
