@@ -31,7 +31,7 @@ from knowledge.chunking import Chunking
 from knowledge.errors import CollectionNotFound, ReindexInterrupted, ReindexRunning
 from knowledge.ingestion import Ingestion
 from knowledge.records import CollectionRow, RecordStore, shadow_name
-from knowledge.vectors import VectorStore
+from knowledge.vectors import MissingVectors, VectorStore
 from knowledge.versions import Versions
 
 log = logging.getLogger(__name__)
@@ -99,24 +99,26 @@ class Reindexing:
         self._ingestion = ingestion
         self._gate = gate
         self._lock = threading.Lock()
-        self._status: dict[Key, ReindexStatus] = {}  # the last reindex of each collection, in this process
+        # The last reindex of each collection in this process, and its status.
+        self._last: dict[Key, tuple[Reindex, ReindexStatus]] = {}
 
     def start(self, tenant: str, live: CollectionRow, target: Chunking) -> Reindex:
         """Claim the collection for one reindex (ReindexRunning if one is under way); `run` does it."""
         key = (tenant, live.name)
+        job = Reindex(self, key, live, target)
         with self._lock:
-            current = self._status.get(key)
-            if current is not None and current.state == "running":
+            current = self._last.get(key)
+            if current is not None and current[1].state == "running":
                 raise ReindexRunning(live.name)
-            self._status[key] = ReindexStatus("running", target, 0, 0, 0, datetime.now(UTC))
-        return Reindex(self, key, live, target)
+            self._last[key] = (job, ReindexStatus("running", target, 0, 0, 0, datetime.now(UTC)))
+        return job
 
     def status(self, tenant: str, live: CollectionRow) -> ReindexStatus | None:
         """This process's last reindex of the collection; else, if an earlier one left its shadow, that one, interrupted."""
         with self._lock:
-            found = self._status.get((tenant, live.name))
+            found = self._last.get((tenant, live.name))
         if found is not None:
-            return found
+            return found[1]
         with self._records.reading() as conn:
             shadow = self._records.shadow(conn, live.id)
         if shadow is None:
@@ -126,13 +128,20 @@ class Reindexing:
             self._records.count_documents(shadow.id), datetime.fromtimestamp(shadow.created_at, UTC),
         )
 
-    def _update(self, key: Key, **changes: object) -> None:
+    def _update(self, job: Reindex, **changes: object) -> ReindexStatus:
+        """Change `job`'s status; a job whose collection was deleted (and maybe made anew) since
+        keeps its own, unseen."""
         with self._lock:
-            self._status[key] = replace(self._status[key], **changes)
+            mine, status = self._last.get(job.key, (None, job.last))
+            job.last = replace(status, **changes)
+            if mine is job:
+                self._last[job.key] = (job, job.last)
+            return job.last
 
     def forget(self, tenant: str, name: str) -> None:
+        """A new collection of this name: the last reindex was another's."""
         with self._lock:
-            self._status.pop((tenant, name), None)
+            self._last.pop((tenant, name), None)
 
 
 class Reindex:
@@ -140,9 +149,10 @@ class Reindex:
 
     def __init__(self, owner: Reindexing, key: Key, live: CollectionRow, target: Chunking):
         self._owner = owner
-        self._key = key
+        self.key = key
         self._live = live
         self.target = target
+        self.last = ReindexStatus("running", target, 0, 0, 0, datetime.now(UTC))
 
     def run(self, stop: threading.Event | None = None) -> ReindexStatus:
         """Rebuild and cut over; returns the final status. A set `stop` ends it at the next batch
@@ -151,24 +161,22 @@ class Reindex:
         try:
             shadow = self._shadow()
             self._copy(shadow, stop, first=True)
-            with owner._gate.closed(self._key):
+            with owner._gate.closed(self.key):
                 self._copy(shadow, None, first=False)  # what changed while the copy ran; writes are held now
                 with owner._records.transaction() as tx:
                     if not owner._records.collection_exists(tx, live.id):
                         raise CollectionNotFound(live.name)
                     owner._records.cut_over(tx, live, shadow)
             self._retire()
-        except CollectionNotFound:  # deleted under the reindex (it, or its shadow with it)
-            owner._update(self._key, state="failed", finished_at=datetime.now(UTC),
+        except (CollectionNotFound, MissingVectors):  # deleted under the reindex (it, or its shadow with it)
+            owner._update(self, state="failed", finished_at=datetime.now(UTC),
                           error=f"collection {live.name!r} was deleted during the reindex")
             raise CollectionNotFound(live.name) from None
         except BaseException as exc:
             state = "interrupted" if isinstance(exc, ReindexInterrupted) else "failed"
-            owner._update(self._key, state=state, finished_at=datetime.now(UTC), error=str(exc) or type(exc).__name__)
+            owner._update(self, state=state, finished_at=datetime.now(UTC), error=str(exc) or type(exc).__name__)
             raise
-        owner._update(self._key, state="done", finished_at=datetime.now(UTC))
-        with owner._lock:
-            return owner._status[self._key]
+        return owner._update(self, state="done", finished_at=datetime.now(UTC))
 
     def _shadow(self) -> CollectionRow:
         """The shadow to fill: the one an interrupted run with the same settings left, or a new one."""
@@ -185,7 +193,7 @@ class Reindex:
                 stale = found
                 records.delete_collection(tx, found.id)
             shadow = records.insert_collection(
-                tx, self._key[0], shadow_name(live.id), live.metadata, time.time(), self.target, reindex_of=live.id
+                tx, self.key[0], shadow_name(live.id), live.metadata, time.time(), self.target, reindex_of=live.id
             )
             self._owner._vectors.create(shadow.chroma_name)  # inside: if Chroma refuses, the row rolls back
         self._owner._versions.add_collection(shadow.id)
@@ -202,7 +210,7 @@ class Reindex:
         gone = [doc_id for doc_id in held if doc_id not in wanted]
         todo = sorted(doc_id for doc_id, fingerprint in wanted.items() if held.get(doc_id) != fingerprint)
         if first:  # the last pass only adds to `copied`
-            owner._update(self._key, documents=len(wanted), reused=len(wanted) - len(todo))
+            owner._update(self, documents=len(wanted), reused=len(wanted) - len(todo))
         if gone:
             owner._ingestion.discard(shadow, gone)
         for lo in range(0, len(todo), BATCH):
@@ -212,9 +220,7 @@ class Reindex:
                 docs = list(owner._records.current(conn, live.id, todo[lo : lo + BATCH], text=True).values())
             if docs:  # else deleted since: the last pass removes them from the shadow
                 owner._ingestion.copy(shadow, docs)
-            with owner._lock:
-                copied = owner._status[self._key].copied
-            owner._update(self._key, copied=copied + len(docs))
+            owner._update(self, copied=self.last.copied + len(docs))
 
     def _retire(self) -> None:
         """Delete the old index once no search can still be reading it."""

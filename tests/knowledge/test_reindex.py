@@ -307,12 +307,30 @@ def test_one_reindex_at_a_time_and_a_deleted_collection_ends_it(kb: KnowledgeBas
         kb.reindex("docs", NEW)
     kb.delete_collection("docs")
     with pytest.raises(CollectionNotFound):
-        job.run()
-    assert chroma_names(kb) == set()  # the shadow went with the collection
-    with pytest.raises(CollectionNotFound):
         kb.reindex("docs")
+    kb.create_collection("docs")  # a namesake: the old collection's reindex is not its own
+    assert kb.get_collection("docs").reindex is None
+    with pytest.raises(CollectionNotFound):
+        job.run()
+    assert kb.get_collection("docs").reindex is None and kb.get_collection("docs").documents == 0
+    assert len(chroma_names(kb)) == 1  # the shadow went with the old collection
+    assert kb.reindex("docs").run().state == "done"
     with pytest.raises(CollectionNotFound):
         kb.reindex("never")
+
+
+def test_a_collection_deleted_mid_copy_fails_its_reindex(kb: KnowledgeBase, monkeypatch: pytest.MonkeyPatch):
+    fill(kb)
+    copy = kb._ingestion.copy
+
+    def copy_then_delete(target, docs):
+        copy(target, docs)
+        kb.delete_collection("docs")
+
+    monkeypatch.setattr(kb._ingestion, "copy", copy_then_delete)
+    with pytest.raises(CollectionNotFound, match="'docs'"):
+        kb.reindex("docs", NEW).run()
+    assert chroma_names(kb) == set() and kb.list_collections() == []
 
 
 def test_a_store_from_before_chunking_was_recorded_records_the_settings_in_force(make_settings, embedder: Embedder):
