@@ -31,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="build the offline demo world", add_help=False)
     demo.add_argument("args", nargs=argparse.REMAINDER, help="e.g. build-base [--variant tiny] [--seed N] [--force]")
 
+    train = commands.add_parser("train", help="train a LoRA adapter from a recipe config", add_help=False)
+    train.add_argument("args", nargs=argparse.REMAINDER, help="CONFIG.yaml [key=value ...] [--resume]")
+    data = commands.add_parser("data", help="check training data (the data doctor)", add_help=False)
+    data.add_argument("args", nargs=argparse.REMAINDER, help="check TRAIN.jsonl [--eval EVAL.jsonl] [--model DIR] ...")
+
     docs = commands.add_parser("docs", help="push documents to / search a running service's knowledge base")
     _remote_options(docs)
     docs_commands = docs.add_subparsers(dest="docs_command", required=True)
@@ -120,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.command == "demo":
         return _demo(settings, args.args)
+    if args.command == "data":
+        return _data(settings, args.args)
+    if args.command == "train":
+        return _train(settings, args.args)
     if args.command == "keys":
         return _keys(settings, args)
     return _serve(settings)
@@ -292,6 +301,18 @@ def _demo(settings: Settings, args: list[str]) -> int:
     if args[:1] == ["build-base"] and "--out" not in args:
         args = [*args, "--out", str(settings.model_path)]
     return subprocess.call([sys.executable, "-m", "training.demo", *args])
+
+
+def _data(settings: Settings, args: list[str]) -> int:
+    """The training package's data doctor in its own process; the model defaults to the served one."""
+    if args[:1] == ["check"] and "--model" not in args:
+        args = [*args, "--model", str(settings.model_path)]
+    return subprocess.call([sys.executable, "-m", "training.data", *args])
+
+
+def _train(settings: Settings, args: list[str]) -> int:
+    """The recipe in its own process; a config without `model` trains on the served model."""
+    return subprocess.call([sys.executable, "-m", "training.recipe", *args, "--default-model", str(settings.model_path)])
 
 
 def _serve(settings: Settings) -> int:

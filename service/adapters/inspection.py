@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
+from knowledge.fingerprint import fingerprint, weight_files
 from knowledge.search import MODES
 from service.errors import AdapterRejected
 
@@ -43,7 +44,7 @@ class BaseModelInfo:
     def load(cls, model_dir: Path) -> BaseModelInfo:
         """Read the module shapes from the safetensors headers only; no weights are loaded."""
         modules: dict[str, tuple[int, int]] = {}
-        for path in _weight_files(model_dir):
+        for path in weight_files(model_dir):
             with safe_open(path, framework="pt") as f:
                 for key in f.keys():
                     shape = f.get_slice(key).get_shape()
@@ -51,35 +52,6 @@ class BaseModelInfo:
                         out_features, in_features = shape  # torch stores linear weights as [out, in]
                         modules[key.removesuffix(".weight")] = (in_features, out_features)
         return cls(fingerprint(model_dir), modules)
-
-
-def fingerprint(model_dir: Path) -> str:
-    """Full sha256 hex identifying the base model's weights, cheap enough to compute at every start.
-
-    Hashed: config.json's bytes, then for each *.safetensors file in name order its
-    name, its size, its JSON header and 1 MiB taken from the middle of its data.
-    The header pins every tensor's name, dtype and shape; the sample tells apart
-    weights with identical shapes (another seed, another fine-tune) without
-    reading gigabytes.
-    """
-    digest = hashlib.sha256()
-
-    def field(data: bytes) -> None:  # length-prefixed, so fields cannot run into each other
-        digest.update(struct.pack("<Q", len(data)) + data)
-
-    field((model_dir / "config.json").read_bytes())
-    for path in _weight_files(model_dir):
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            (header_len,) = struct.unpack("<Q", f.read(8))
-            header = f.read(header_len)
-            data_start = 8 + header_len
-            data_len = max(size - data_start, 0)
-            f.seek(data_start + max(data_len - SAMPLE_BYTES, 0) // 2)
-            sample = f.read(SAMPLE_BYTES)
-        for part in (path.name.encode(), str(size).encode(), header, sample):
-            field(part)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -278,13 +250,6 @@ def _read_json(path: Path, *, code: str) -> dict:
     if not isinstance(value, dict):
         raise AdapterRejected(f"{path.name} must hold a JSON object", code=code)
     return value
-
-
-def _weight_files(model_dir: Path) -> list[Path]:
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"no *.safetensors weights in {model_dir}")
-    return files
 
 
 def _positive_int(value: Any) -> bool:

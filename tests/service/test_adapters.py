@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.adapters.inspection import fingerprint
+from knowledge.fingerprint import fingerprint
 from service.engine.launcher import free_port
 from tests.adapters import make_adapter, pack
 from tests.conftest import MODEL_NAME

@@ -1,0 +1,185 @@
+"""The LoRA SFT recipe on the test model: a few steps, not epochs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from knowledge.fingerprint import fingerprint
+from training import recipe
+from training.config import load
+from training.data.masking import Renderer
+from training.data.rows import parse
+
+CONFIG = Path(__file__).parents[2] / "training" / "configs" / "tiny.yaml"
+
+
+def rows(n: int, start: int = 0) -> list[dict]:
+    return [{"messages": [
+        {"role": "user", "content": f"Is clause {i} of the harbour lease valid?"},
+        {"role": "assistant", "content": f"Per Article {i}, this clause is {'invalid' if i % 2 else 'valid'}."},
+    ]} for i in range(start, start + n)]
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> tuple[Path, Path]:
+    train, evaluation = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows(32)))
+    evaluation.write_text("".join(json.dumps(r) + "\n" for r in rows(8, start=100)))
+    return train, evaluation
+
+
+def config(tiny_model: Path, data: tuple[Path, Path], out: Path, *overrides: str):
+    train, evaluation = data
+    return load(CONFIG, [f"model={tiny_model}", f"train={train}", f"eval={evaluation}", f"output={out}", *overrides])
+
+
+def test_a_run_trains_lora_only_and_writes_a_complete_adapter(tiny_model: Path, data, tmp_path: Path):
+    before = fingerprint(tiny_model)
+    out = tmp_path / "legal"
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "train", str(CONFIG), f"model={tiny_model}", f"train={data[0]}",
+         f"eval={data[1]}", f"output={out}"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "train → " in result.stderr  # the progress bar
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "lorag.json"]
+    assert fingerprint(tiny_model) == before  # the base model's files are untouched
+    weights = load_file(out / "adapter_model.safetensors")
+    assert weights and all(".lora_A." in k or ".lora_B." in k for k in weights)
+    # peft starts every B at zero: a trained adapter has moved them.
+    assert all(w.abs().sum() > 0 for k, w in weights.items() if ".lora_B." in k)
+
+    manifest = json.loads((out / "lorag.json").read_text())
+    assert manifest["base_fingerprint"] == before
+    training = manifest["training"]
+    assert {"config", "template_sha256", "tokenizer_sha256", "data", "libraries", "seed", "commit", "steps",
+            "final_eval_loss", "metrics", "best_step", "stopped_early"} <= set(training)
+    assert training["config"]["lora"]["rank"] == 8 and training["steps"] == 8 and training["stopped_early"] is False
+    assert training["data"]["train"]["rows"] == 32 and training["data"]["eval"]["rows"] == 8
+    assert set(training["libraries"]) == {"torch", "transformers", "peft", "safetensors"}
+    evals = [m["eval_loss"] for m in training["metrics"] if "eval_loss" in m]
+    assert len(evals) == 4 and training["final_eval_loss"] == min(evals) < evals[0]
+    metrics = [json.loads(line) for line in (tmp_path / "legal.run" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 9)) and metrics == training["metrics"]
+    assert metrics[0]["lr"] < metrics[2]["lr"]  # warm-up
+
+    # The service's own validation accepts it unchanged.
+    from service.adapters.inspection import BaseModelInfo, inspect_adapter
+
+    facts = inspect_adapter(out, BaseModelInfo.load(tiny_model), max_rank=16)
+    assert facts.rank == 8 and facts.base_fingerprint == before
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tiny_model: Path, data, tmp_path: Path, monkeypatch):
+    straight = recipe.train(config(tiny_model, data, tmp_path / "straight"))
+    checkpoint = recipe._checkpoint
+
+    class Killed(Exception):
+        pass
+
+    def checkpoint_then_die(work, model, optimizer, scheduler, state, best):
+        checkpoint(work, model, optimizer, scheduler, state, best)
+        if state.step == 4:
+            raise Killed
+
+    monkeypatch.setattr(recipe, "_checkpoint", checkpoint_then_die)
+    resumed_config = config(tiny_model, data, tmp_path / "resumed")
+    with pytest.raises(Killed):
+        recipe.train(resumed_config)
+    monkeypatch.undo()
+    resumed = recipe.train(resumed_config, resume=True)
+    a, b = load_file(straight / "adapter_model.safetensors"), load_file(resumed / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [m["step"] for m in json.loads((resumed / "lorag.json").read_text())["training"]["metrics"]]
+    assert steps == list(range(1, 9))  # nothing lost or counted twice
+    with pytest.raises(recipe.TrainingError, match="no checkpoint"):
+        recipe.train(config(tiny_model, data, tmp_path / "never", "checkpoint_every=0"), resume=True)
+
+
+def test_early_stopping_stops_and_keeps_the_best_weights(tiny_model: Path, data, tmp_path: Path):
+    # A learning rate far too high: eval loss gets worse after the first steps.
+    out = recipe.train(config(tiny_model, data, tmp_path / "wild", "learning_rate=0.5", "warmup_steps=0",
+                              "eval_every=1", "early_stopping=2", "epochs=4"))
+    training = json.loads((out / "lorag.json").read_text())["training"]
+    evals = {m["step"]: m["eval_loss"] for m in training["metrics"] if "eval_loss" in m}
+    assert training["stopped_early"] is True and training["steps"] < 16
+    assert training["final_eval_loss"] == min(evals.values()) == evals[training["best_step"]]
+    assert list(evals)[-1] == training["best_step"] + 2  # two evaluations without a gain
+
+
+def test_accumulated_batches_weigh_every_trainable_token_alike(tiny_model: Path, data):
+    """grad_accum=2 of 2 rows gives the gradients of one batch of 4: the loss is over all their tokens."""
+    renderer = Renderer.load(tiny_model)
+    uneven = rows(2) + [{"messages": [{"role": "user", "content": "Long?"},
+                                      {"role": "assistant", "content": "Per Article 9, " + "it is void; " * 12}]}] * 2
+    rendered = [renderer.render(parse(i + 1, json.dumps(r))[0]) for i, r in enumerate(uneven)]
+    cfg = config(tiny_model, data, Path("unused"), "lora.dropout=0")
+    model = recipe.model_with_lora(cfg, torch.device("cpu"), torch.float32)
+    count = sum(recipe.trainable(r) for r in rendered)
+
+    def grads(parts: list[list[int]]) -> list[torch.Tensor]:
+        model.zero_grad()
+        for part in parts:
+            batch = recipe.collate([rendered[i] for i in part], 0, torch.device("cpu"))
+            (recipe.token_loss_sum(model, batch) / count).backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    whole, accumulated = grads([[0, 1, 2, 3]]), grads([[0, 1], [2, 3]])
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, accumulated, strict=True))
+    # Averaging each micro-batch's mean instead (what a naive loop does) would weigh short rows up.
+    model.zero_grad()
+    for part in ([0, 1], [2, 3]):
+        batch = recipe.collate([rendered[i] for i in part], 0, torch.device("cpu"))
+        tokens = sum(recipe.trainable(rendered[i]) for i in part)
+        (recipe.token_loss_sum(model, batch) / tokens / 2).backward()
+    naive = [p.grad for p in model.parameters() if p.requires_grad]
+    assert not all(torch.allclose(a, b, atol=1e-6) for a, b in zip(whole, naive, strict=True))
+
+
+def test_bad_data_or_config_stops_the_run_before_training(tiny_model: Path, data, tmp_path: Path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(rows(1)[0]) + "\n{oops\n")
+    run = subprocess.run(
+        [sys.executable, "-m", "service.cli", "train", str(CONFIG), f"model={tiny_model}", f"train={bad}",
+         f"output={tmp_path / 'x'}"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "data doctor found errors" in run.stderr and ":2: invalid_json" in run.stderr
+    assert not (tmp_path / "x").exists()
+    for override, complaint in [("lora.rnk=4", "unknown setting(s) lora.rnk"), ("epochs=0", "epochs must be at least 1"),
+                                ("schedule=step", "schedule must be one of"), ("batch_size=two", "must be a number"),
+                                ("early_stopping=2", "early_stopping needs an eval file")]:
+        run = subprocess.run([sys.executable, "-m", "training.recipe", str(CONFIG), f"model={tiny_model}",
+                              f"train={data[0]}", override], capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and complaint in run.stderr, (override, run.stderr[-500:])
+
+
+def test_a_trained_adapter_passes_the_canary_and_changes_the_engines_greedy_answer(gateway, tiny_model, data,
+                                                                                   tmp_path: Path):
+    import httpx
+
+    from tests.adapters import pack
+    from tests.conftest import MODEL_NAME
+
+    out = recipe.train(config(tiny_model, data, tmp_path / "served", "learning_rate=0.02", "epochs=4"))
+    pushed = httpx.post(f"{gateway.url}/v1/adapters/recipe-legal/versions", params={"activate": "true"},
+                        files={"file": ("adapter.tar.gz", pack(out))}, timeout=300)
+    try:
+        assert pushed.status_code == 201, pushed.text  # validated, loaded and canary-checked by the service
+
+        def answer(model: str) -> str:
+            body = {"model": model, "max_tokens": 12, "temperature": 0,
+                    "messages": [{"role": "user", "content": "Is clause 3 of the harbour lease valid?"}]}
+            response = httpx.post(f"{gateway.url}/v1/chat/completions", json=body, timeout=60)
+            assert response.status_code == 200, response.text
+            return response.json()["choices"][0]["message"]["content"]
+
+        assert answer("recipe-legal") != answer(MODEL_NAME)
+    finally:
+        httpx.delete(f"{gateway.url}/v1/adapters/recipe-legal", timeout=60)
