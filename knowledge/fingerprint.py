@@ -1,9 +1,11 @@
-"""The base model's fingerprint: one function, so that training records exactly what the
-service checks an adapter's declared base against (service.adapters.inspection)."""
+"""The base model's fingerprint, chat template hash and tokenizer hash: one function each, so
+that training records exactly what the service checks an adapter against
+(service.adapters.inspection)."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
 from pathlib import Path
 
@@ -43,4 +45,32 @@ def fingerprint(model_dir: Path) -> str:
             sample = f.read(SAMPLE_BYTES)
         for part in (path.name.encode(), str(size).encode(), header, sample):
             field(part)
+    return digest.hexdigest()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "tokenizer.model")
+
+
+def template_hash(model_dir: Path) -> str:
+    """sha256 hex of the chat template the model folder gives transformers (and so vLLM):
+    chat_template.jinja, else tokenizer_config.json's chat_template; of "" if it has none."""
+    jinja = model_dir / "chat_template.jinja"
+    if jinja.is_file():
+        text = jinja.read_text(encoding="utf-8")
+    else:
+        config = model_dir / "tokenizer_config.json"
+        found = json.loads(config.read_text(encoding="utf-8")).get("chat_template") if config.is_file() else None
+        text = found if isinstance(found, str) else json.dumps(found, sort_keys=True) if found else ""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def tokenizer_hash(model_dir: Path) -> str:
+    """sha256 hex over the tokenizer's files (name, then bytes), in a fixed order."""
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = model_dir / name
+        if path.is_file():
+            data = path.read_bytes()
+            digest.update(struct.pack("<Q", len(name)) + name.encode() + struct.pack("<Q", len(data)) + data)
     return digest.hexdigest()

@@ -9,21 +9,16 @@ import subprocess
 from importlib.metadata import version
 from pathlib import Path
 
-from knowledge.fingerprint import fingerprint
+from knowledge.fingerprint import fingerprint, template_hash, tokenizer_hash
 from training.config import TrainConfig
-from training.data.masking import Renderer
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
-                   "tokenizer.model")
-
-
-def manifest(config: TrainConfig, renderer: Renderer, summary: dict, facts: dict) -> dict:
+def manifest(config: TrainConfig, summary: dict, facts: dict) -> dict:
     return {
         "base_fingerprint": fingerprint(config.model),
         "training": {
             "recipe": "lora-sft",
             "config": config.as_dict(),
-            "template_sha256": template_hash(renderer),
+            "template_sha256": template_hash(config.model),
             "tokenizer_sha256": tokenizer_hash(config.model),
             "data": {
                 "train": {"sha256": _file_hash(config.train), "rows": summary["rows"],
@@ -36,20 +31,6 @@ def manifest(config: TrainConfig, renderer: Renderer, summary: dict, facts: dict
             **facts,
         },
     }
-
-
-def template_hash(renderer: Renderer) -> str:
-    return hashlib.sha256(renderer.tokenizer.chat_template.encode()).hexdigest()
-
-
-def tokenizer_hash(model_dir: Path) -> str:
-    """sha256 over the tokenizer's files (name, then bytes), in a fixed order."""
-    digest = hashlib.sha256()
-    for name in TOKENIZER_FILES:
-        path = model_dir / name
-        if path.is_file():
-            digest.update(name.encode() + b"\0" + path.read_bytes())
-    return digest.hexdigest()
 
 
 def _file_hash(path: Path) -> str:

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import sys
@@ -204,7 +205,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
                 break
     if not eval_rows:
         best = _lora_state(model)
-    return save(config, model, best, renderer, summary, state, stopped_early)
+    return save(config, model, best, summary, state, stopped_early)
 
 
 def evaluate(model, rows: list[Rendered], size: int, pad_id: int, where: torch.device, dtype: torch.dtype) -> float:
@@ -312,7 +313,7 @@ def _append(path: Path, record: dict) -> None:
 # Save
 
 
-def save(config: TrainConfig, model, weights: dict, renderer: Renderer, summary: dict, state: State,
+def save(config: TrainConfig, model, weights: dict, summary: dict, state: State,
          stopped_early: bool) -> Path:
     from training.manifest import manifest
 
@@ -326,7 +327,7 @@ def save(config: TrainConfig, model, weights: dict, renderer: Renderer, summary:
     metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
     facts = {"steps": state.step, "stopped_early": stopped_early, "best_step": state.best_step,
              "final_eval_loss": None if math.isinf(state.best_eval) else state.best_eval, "metrics": metrics}
-    (config.output / "lorag.json").write_text(json.dumps(manifest(config, renderer, summary, facts), indent=2))
+    (config.output / "lorag.json").write_text(json.dumps(manifest(config, summary, facts), indent=2))
     return config.output
 
 
@@ -336,8 +337,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", type=Path, metavar="CONFIG.yaml")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. epochs=2 lora.rank=4")
     parser.add_argument("--resume", action="store_true", help="continue from the run's latest checkpoint")
+    parser.add_argument("--push", metavar="URL", help="upload the adapter to this lorag service when training ends")
+    parser.add_argument("--name", help="the adapter's name there (with --push)")
+    parser.add_argument("--activate", action="store_true", help="hot-swap to the pushed version")
+    parser.add_argument("--api-key", default=os.environ.get("LORAG_API_KEY"), help="(LORAG_API_KEY)")
     parser.add_argument("--default-model", type=Path, help=argparse.SUPPRESS)  # the served model, from `lorag`
     args = parser.parse_args(argv)
+    if args.push and not args.name:
+        parser.error("--push needs --name, the adapter's name on the service")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = load(args.config, args.overrides)
@@ -350,6 +357,27 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TrainingError) as exc:
         parser.exit(2, f"lorag train: {exc}\n")
     print(f"adapter written to {folder}")
+    if args.push:
+        return push(folder, args.push, args.name, args.activate, args.api_key)
+    return 0
+
+
+def push(folder: Path, url: str, name: str, activate: bool, api_key: str | None) -> int:
+    """Upload through the adapter API (validated and canary-checked there, as any upload)."""
+    import httpx
+
+    from service.adapters.client import AdapterCommandFailed, AdaptersClient
+
+    try:
+        report = AdaptersClient(url, api_key).push(folder, name, activate)
+    except AdapterCommandFailed as exc:
+        print(f"lorag train: the service refused the adapter: {exc}", file=sys.stderr)
+        return 1
+    except httpx.TransportError as exc:
+        print(f"lorag train: cannot reach the service at {url}: {exc}; the adapter is in {folder}", file=sys.stderr)
+        return 1
+    version = report["version"]["version"]
+    print(f"pushed {name}@{version}" + (" and activated it" if activate else ""))
     return 0
 
 

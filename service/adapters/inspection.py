@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from knowledge.fingerprint import fingerprint, weight_files
+from knowledge.fingerprint import fingerprint, template_hash, tokenizer_hash, weight_files
 from knowledge.search import MODES
 from service.errors import AdapterRejected
 
@@ -39,6 +39,8 @@ _LORA_KEY = re.compile(r"(?P<module>.+)\.lora_(?P<half>[AB])\.weight")
 class BaseModelInfo:
     fingerprint: str
     modules: dict[str, tuple[int, int]]  # linear module name -> (in_features, out_features)
+    template_sha256: str = ""  # what a trained adapter's lorag.json must record, if it records any
+    tokenizer_sha256: str = ""
 
     @classmethod
     def load(cls, model_dir: Path) -> BaseModelInfo:
@@ -51,7 +53,7 @@ class BaseModelInfo:
                     if key.endswith(".weight") and len(shape) == 2:
                         out_features, in_features = shape  # torch stores linear weights as [out, in]
                         modules[key.removesuffix(".weight")] = (in_features, out_features)
-        return cls(fingerprint(model_dir), modules)
+        return cls(fingerprint(model_dir), modules, template_hash(model_dir), tokenizer_hash(model_dir))
 
 
 @dataclass(frozen=True)
@@ -155,6 +157,7 @@ def _check_manifest(manifest: dict, base: BaseModelInfo) -> None:
         if manifest.get(key) is not None and not isinstance(manifest[key], dict):
             raise _invalid_manifest(f"{key} must be an object")
     _check_rag(manifest.get("rag"))
+    _check_rendering(manifest.get("training") or {}, base)
 
     given = manifest.get("base_fingerprint")
     if given is None:
@@ -169,6 +172,20 @@ def _check_manifest(manifest: dict, base: BaseModelInfo) -> None:
             f"{base.fingerprint[:SHORT]}; train it on the served base model",
             code="base_mismatch",
         )
+
+
+def _check_rendering(training: dict, base: BaseModelInfo) -> None:
+    """An adapter trained on rows rendered with another chat template or tokenizer learned a
+    prompt shape the engine never sends: refuse it rather than serve it quietly worse."""
+    for key, what, served in (("template_sha256", "chat template", base.template_sha256),
+                              ("tokenizer_sha256", "tokenizer", base.tokenizer_sha256)):
+        recorded = training.get(key)
+        if recorded is not None and recorded != served:
+            raise AdapterRejected(
+                f"the adapter was trained with a {what} ({str(recorded)[:SHORT]}) other than the served model's "
+                f"({served[:SHORT]}); train it again on rows rendered for this model",
+                code="template_mismatch",
+            )
 
 
 def _check_rag(rag: Any) -> None:

@@ -74,8 +74,21 @@ def test_a_run_trains_lora_only_and_writes_a_complete_adapter(tiny_model: Path, 
     # The service's own validation accepts it unchanged.
     from service.adapters.inspection import BaseModelInfo, inspect_adapter
 
-    facts = inspect_adapter(out, BaseModelInfo.load(tiny_model), max_rank=16)
+    base = BaseModelInfo.load(tiny_model)
+    facts = inspect_adapter(out, base, max_rank=16)
     assert facts.rank == 8 and facts.base_fingerprint == before
+    assert (training["template_sha256"], training["tokenizer_sha256"]) == (base.template_sha256, base.tokenizer_sha256)
+    # ... and refuses one whose rows were rendered with another template or tokenizer.
+    from service.errors import AdapterRejected
+
+    for key in ("template_sha256", "tokenizer_sha256"):
+        tampered = json.loads((out / "lorag.json").read_text())
+        tampered["training"][key] = "0" * 64
+        (out / "lorag.json").write_text(json.dumps(tampered))
+        with pytest.raises(AdapterRejected) as refused:
+            inspect_adapter(out, base, max_rank=16)
+        assert refused.value.code == "template_mismatch" and refused.value.status_code == 422
+        (out / "lorag.json").write_text(json.dumps(manifest))
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(tiny_model: Path, data, tmp_path: Path, monkeypatch):
@@ -164,14 +177,19 @@ def test_a_trained_adapter_passes_the_canary_and_changes_the_engines_greedy_answ
                                                                                    tmp_path: Path):
     import httpx
 
-    from tests.adapters import pack
     from tests.conftest import MODEL_NAME
 
-    out = recipe.train(config(tiny_model, data, tmp_path / "served", "learning_rate=0.02", "epochs=4"))
-    pushed = httpx.post(f"{gateway.url}/v1/adapters/recipe-legal/versions", params={"activate": "true"},
-                        files={"file": ("adapter.tar.gz", pack(out))}, timeout=300)
+    train, evaluation = data
+    pushed = subprocess.run(
+        [sys.executable, "-m", "service.cli", "train", str(CONFIG), f"model={tiny_model}", f"train={train}",
+         f"eval={evaluation}", f"output={tmp_path / 'served'}", "learning_rate=0.02", "epochs=4",
+         "--push", gateway.url, "--name", "recipe-legal", "--activate"],
+        capture_output=True, text=True, timeout=600,
+    )
     try:
-        assert pushed.status_code == 201, pushed.text  # validated, loaded and canary-checked by the service
+        # Validated, loaded and canary-checked by the service, then active.
+        assert pushed.returncode == 0, pushed.stdout + pushed.stderr[-3000:]
+        assert "pushed recipe-legal@" in pushed.stdout and "activated" in pushed.stdout
 
         def answer(model: str) -> str:
             body = {"model": model, "max_tokens": 12, "temperature": 0,
@@ -183,3 +201,19 @@ def test_a_trained_adapter_passes_the_canary_and_changes_the_engines_greedy_answ
         assert answer("recipe-legal") != answer(MODEL_NAME)
     finally:
         httpx.delete(f"{gateway.url}/v1/adapters/recipe-legal", timeout=60)
+
+
+def test_training_renders_a_prompt_to_the_token_ids_the_engine_uses(gateway, tiny_model: Path):
+    import httpx
+
+    from tests.conftest import MODEL_NAME
+
+    renderer = Renderer.load(tiny_model)
+    messages = [{"role": "system", "content": "Answer as counsel."},
+                {"role": "user", "content": "Is clause 7 of the harbour lease valid?"},
+                {"role": "assistant", "content": "Per Article 7, it is invalid."},
+                {"role": "user", "content": "And clause 8?"}]
+    # vLLM's own tokenizer endpoint, on the engine behind the gateway: the ids it would prefill.
+    counted = httpx.post(f"{gateway.engine_url()}/tokenize", headers=gateway.engine_headers(), timeout=30,
+                         json={"model": MODEL_NAME, "messages": messages, "add_generation_prompt": True}).json()
+    assert renderer.encode(messages, generation_prompt=True) == counted["tokens"]
