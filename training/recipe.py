@@ -6,7 +6,8 @@ Read top to bottom:
          the base model with LoRA on `lora.target_modules`, on CUDA (bf16) if there is one, else the CPU.
   train  batches of rows of similar length (padding only to the longest in each); the loss is
          the sum of token losses over all trainable tokens of an optimizer step's accumulated
-         batches, divided by their number, so accumulation never reweights rows; AdamW with
+         batches (on every process, under torchrun), divided by their number, so neither
+         accumulation nor data parallelism reweights rows; AdamW with
          warm-up then cosine, linear or constant; eval every `eval_every` steps, early stopping
          on eval loss; checkpoints every `checkpoint_every` steps, resumable to the same weights.
   save   adapter_config.json, adapter_model.safetensors (the best eval loss's weights, or the
@@ -29,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
@@ -71,10 +73,32 @@ def setup(config: TrainConfig) -> tuple[Renderer, list[Rendered], list[Rendered]
     return renderer, train, evaluation, report.summary
 
 
-def device() -> tuple[torch.device, torch.dtype]:
-    """CUDA in bf16 when present, else the CPU in fp32: the same code either way."""
+@dataclass(frozen=True)
+class Processes:
+    """This process's place in a data-parallel run (torchrun sets the variables; alone: 0 of 1)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def join(cls) -> Processes:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world == 1:
+            return cls()
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        return cls(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0  # the one process that writes files and shows progress
+
+
+def device(processes: Processes) -> tuple[torch.device, torch.dtype]:
+    """CUDA in bf16 when present (one GPU per process), else the CPU in fp32: the same code either way."""
     if torch.cuda.is_available():
-        return torch.device("cuda"), torch.bfloat16
+        torch.cuda.set_device(processes.local_rank)
+        return torch.device("cuda", processes.local_rank), torch.bfloat16
     return torch.device("cpu"), torch.float32
 
 
@@ -135,13 +159,20 @@ def trainable(row: Rendered) -> int:
 
 
 def train(config: TrainConfig, *, resume: bool = False) -> Path:
-    """Run the recipe; returns the adapter folder."""
+    """Run the recipe; returns the adapter folder. Under torchrun, each process takes its share
+    of every step's batches, and process 0 writes the metrics, checkpoints and adapter."""
+    processes = Processes.join()
     renderer, rows, eval_rows, summary = setup(config)
-    where, dtype = device()
+    where, dtype = device(processes)
     model = model_with_lora(config, where, dtype)
+    forward = model
+    if processes.world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(model, device_ids=[where.index] if where.type == "cuda" else None)
     pad_id = renderer.tokenizer.pad_token_id if renderer.tokenizer.pad_token_id is not None else 0
-    epoch_batches = math.ceil(len(rows) / config.batch_size)
-    steps_per_epoch = math.ceil(epoch_batches / config.grad_accum)
+    per_step = config.grad_accum * processes.world  # batches one optimizer step takes, over all processes
+    steps_per_epoch = math.ceil(math.ceil(len(rows) / config.batch_size) / per_step)
     total = config.max_steps or steps_per_epoch * config.epochs
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
@@ -149,11 +180,11 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     state = State()
     output = config.output
     work = run_dir(config)
-    work.mkdir(parents=True, exist_ok=True)
     best = {k: v.detach().clone() for k, v in _lora_state(model).items()}
     if resume:
         state, best = _restore(work, model, optimizer, scheduler)
-    else:  # a fresh run replaces an earlier one's metrics and checkpoints
+    elif processes.main:  # a fresh run replaces an earlier one's metrics and checkpoints
+        work.mkdir(parents=True, exist_ok=True)
         (work / METRICS).unlink(missing_ok=True)
         shutil.rmtree(work / CHECKPOINTS, ignore_errors=True)
 
@@ -161,20 +192,28 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     plan = []
     for epoch in range(config.epochs if not config.max_steps else math.ceil(total / steps_per_epoch)):
         epoch_plan = batches(rows, config.batch_size, config.seed, epoch)
-        plan += [(epoch, epoch_plan[k : k + config.grad_accum]) for k in range(0, len(epoch_plan), config.grad_accum)]
+        plan += [(epoch, epoch_plan[k : k + per_step]) for k in range(0, len(epoch_plan), per_step)]
     plan = plan[:total]
     started = time.perf_counter()
     stopped_early = False
     model.train()
-    with tqdm(total=total, initial=state.step, unit="step", desc=f"train → {output}") as bar:
-        for epoch, micro in plan[state.step :]:
-            count = sum(trainable(rows[i]) for batch in micro for i in batch)
+    with tqdm(total=total, initial=state.step, unit="step", desc=f"train → {output}", disable=not processes.main) as bar:
+        for epoch, step_batches in plan[state.step :]:
+            # Every process knows the whole step, so each divides by the step's tokens on all of
+            # them; DDP averages gradients over processes, which the factor `world` undoes.
+            count = sum(trainable(rows[i]) for batch in step_batches for i in batch)
+            mine = step_batches[processes.rank :: processes.world]
             loss_total = 0.0
-            for batch in micro:
+            for batch in mine:
                 with torch.autocast(where.type, dtype=dtype, enabled=dtype != torch.float32):
-                    loss = token_loss_sum(model, collate([rows[i] for i in batch], pad_id, where)) / max(count, 1)
+                    loss = token_loss_sum(forward, collate([rows[i] for i in batch], pad_id, where))
+                    loss = loss * processes.world / max(count, 1)
                 loss.backward()
-                loss_total += loss.item()
+                loss_total += loss.item() / processes.world
+            if processes.world > 1:  # the step's loss over all processes, for the metrics
+                reduced = torch.tensor([loss_total], device=where)
+                dist.all_reduce(reduced)
+                loss_total = reduced.item()
             lr = scheduler.get_last_lr()[0]  # the rate this step used
             optimizer.step()
             scheduler.step()
@@ -193,10 +232,10 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
                     best = {k: v.detach().clone() for k, v in _lora_state(model).items()}
                 else:
                     state.evals_without_gain += 1
-            if evaluating or state.step % config.log_every == 0:
+            if processes.main and (evaluating or state.step % config.log_every == 0):
                 _append(work / METRICS, record)
             bar.set_postfix(loss=f"{loss_total:.4f}", **({"eval": f"{record['eval_loss']:.4f}"} if evaluating else {}))
-            if config.checkpoint_every and state.step % config.checkpoint_every == 0:
+            if processes.main and config.checkpoint_every and state.step % config.checkpoint_every == 0:
                 _checkpoint(work, model, optimizer, scheduler, state, best)
             if config.early_stopping and state.evals_without_gain >= config.early_stopping:
                 log.info("early stop at step %d: eval loss has not improved for %d evaluations (best %.4f at step %d)",
@@ -205,7 +244,15 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
                 break
     if not eval_rows:
         best = _lora_state(model)
-    return save(config, model, best, summary, state, stopped_early)
+    if processes.world > 1:
+        dist.barrier()
+        if not processes.main:
+            dist.destroy_process_group()
+            return config.output
+    folder = save(config, model, best, summary, state, stopped_early)
+    if processes.world > 1:
+        dist.destroy_process_group()
+    return folder
 
 
 def evaluate(model, rows: list[Rendered], size: int, pad_id: int, where: torch.device, dtype: torch.dtype) -> float:
@@ -356,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         folder = train(config, resume=args.resume)
     except (ConfigError, TrainingError) as exc:
         parser.exit(2, f"lorag train: {exc}\n")
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, process 0 reports and pushes
     print(f"adapter written to {folder}")
     if args.push:
         return push(folder, args.push, args.name, args.activate, args.api_key)

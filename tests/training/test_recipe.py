@@ -217,3 +217,27 @@ def test_training_renders_a_prompt_to_the_token_ids_the_engine_uses(gateway, tin
     counted = httpx.post(f"{gateway.engine_url()}/tokenize", headers=gateway.engine_headers(), timeout=30,
                          json={"model": MODEL_NAME, "messages": messages, "add_generation_prompt": True}).json()
     assert renderer.encode(messages, generation_prompt=True) == counted["tokens"]
+
+
+def test_two_processes_train_one_adapter_as_one_process_accumulating_would(tiny_model: Path, data, tmp_path: Path):
+    """torchrun with 2 CPU processes (gloo), one batch each per step, against one process
+    accumulating the same two batches: the same step, so the same weights."""
+    from service.engine.launcher import free_port
+
+    train, evaluation = data
+    common = [f"model={tiny_model}", f"train={train}", f"eval={evaluation}", "lora.dropout=0", "checkpoint_every=0"]
+    two = tmp_path / "two"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+         "--master_port", str(free_port()), "-m", "training.recipe", str(CONFIG), *common, f"output={two}",
+         "grad_accum=1"],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert sorted(p.name for p in two.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "lorag.json"]
+    steps = [m["step"] for m in json.loads((two / "lorag.json").read_text())["training"]["metrics"]]
+    assert steps == list(range(1, 9))  # written by one process, each step once (32 rows, 2 batches of 4 a step, 2 epochs)
+    one = recipe.train(config(tiny_model, data, tmp_path / "one", *common[3:], "grad_accum=2"))
+    a, b = load_file(two / "adapter_model.safetensors"), load_file(one / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert any(w.abs().sum() > 0 for k, w in a.items() if ".lora_B." in k)
