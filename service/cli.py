@@ -305,8 +305,12 @@ def _demo(settings: Settings, args: list[str]) -> int:
 
 def _data(settings: Settings, args: list[str]) -> int:
     """The training package's data doctor in its own process; the model defaults to the served one."""
-    if args[:1] == ["check"] and "--model" not in args:
+    if args[:1] in (["check"], ["raft"]) and "--model" not in args:
         args = [*args, "--model", str(settings.model_path)]
+    if args[:1] == ["raft"]:  # place sources exactly as this service's chat does
+        defaults = {"--top-k": settings.rag_top_k, "--mode": settings.rag_mode, "--max-tokens": settings.max_tokens,
+                    "--context-tokens": settings.engine_max_model_len, "--system-template": settings.rag_system_template}
+        args += [item for flag, value in defaults.items() if flag not in args for item in (flag, str(value))]
     return subprocess.call([sys.executable, "-m", "training.data", *args])
 
 

@@ -45,8 +45,8 @@ def parse(line_number: int, text: str) -> tuple[Row | None, list[Problem]]:
     if not isinstance(data, dict):
         return None, [Problem(line_number, "invalid_json", f"a row is a JSON object, not {type(data).__name__}")]
     problems = [
-        Problem(line_number, "unknown_key", f"unknown key {key!r}; a row holds only \"messages\"")
-        for key in data if key != "messages"
+        Problem(line_number, "unknown_key", f"unknown key {key!r}; a row holds \"messages\" (and lorag's \"provenance\")")
+        for key in data if key not in ("messages", "provenance")
     ]
     messages = data.get("messages")
     if not isinstance(messages, list) or not messages:
