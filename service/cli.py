@@ -305,12 +305,16 @@ def _demo(settings: Settings, args: list[str]) -> int:
 
 def _data(settings: Settings, args: list[str]) -> int:
     """The training package's data doctor in its own process; the model defaults to the served one."""
-    if args[:1] in (["check"], ["raft"]) and "--model" not in args:
-        args = [*args, "--model", str(settings.model_path)]
+    def given(flag: str) -> bool:  # as `--flag value` or `--flag=value`
+        return any(arg == flag or arg.startswith(flag + "=") for arg in args)
+
+    defaults: dict[str, object] = {}
+    if args[:1] in (["check"], ["raft"]):
+        defaults["--model"] = settings.model_path
     if args[:1] == ["raft"]:  # place sources exactly as this service's chat does
-        defaults = {"--top-k": settings.rag_top_k, "--mode": settings.rag_mode, "--max-tokens": settings.max_tokens,
-                    "--context-tokens": settings.engine_max_model_len, "--system-template": settings.rag_system_template}
-        args += [item for flag, value in defaults.items() if flag not in args for item in (flag, str(value))]
+        defaults |= {"--top-k": settings.rag_top_k, "--mode": settings.rag_mode, "--max-tokens": settings.max_tokens,
+                     "--context-tokens": settings.engine_max_model_len, "--system-template": settings.rag_system_template}
+    args = [*args, *(item for flag, value in defaults.items() if not given(flag) for item in (flag, str(value)))]
     return subprocess.call([sys.executable, "-m", "training.data", *args])
 
 
