@@ -42,6 +42,7 @@ from training.data.rows import read
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "lorag.json")  # what `save` writes
 GROUP = 50  # batches' worth of rows sorted by length together: similar lengths, still shuffled
 
 
@@ -412,20 +413,32 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def push(folder: Path, url: str, name: str, activate: bool, api_key: str | None) -> int:
-    """Upload through the adapter API (validated and canary-checked there, as any upload)."""
+    """Upload through the adapter API, over HTTP only (validated and canary-checked there, as any upload)."""
+    import io
+    import tarfile
+
     import httpx
 
-    from service.adapters.client import AdapterCommandFailed, AdaptersClient
-
+    archive = io.BytesIO()
+    with tarfile.open(fileobj=archive, mode="w:gz") as tar:
+        for file in ADAPTER_FILES:
+            tar.add(folder / file, file)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     try:
-        report = AdaptersClient(url, api_key).push(folder, name, activate)
-    except AdapterCommandFailed as exc:
-        print(f"lorag train: the service refused the adapter: {exc}", file=sys.stderr)
-        return 1
+        response = httpx.post(f"{url.rstrip('/')}/v1/adapters/{name}/versions", headers=headers, timeout=300,
+                              params={"activate": "true"} if activate else None,
+                              files={"file": (f"{name}.tar.gz", archive.getvalue(), "application/gzip")})
     except httpx.TransportError as exc:
         print(f"lorag train: cannot reach the service at {url}: {exc}; the adapter is in {folder}", file=sys.stderr)
         return 1
-    version = report["version"]["version"]
+    if response.status_code not in (200, 201):
+        try:
+            reason = response.json()["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            reason = f"HTTP {response.status_code}: {response.text[:200]}"
+        print(f"lorag train: the service refused the adapter: {reason}", file=sys.stderr)
+        return 1
+    version = response.json()["version"]["version"]
     print(f"pushed {name}@{version}" + (" and activated it" if activate else ""))
     return 0
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import random
-from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
 
@@ -27,20 +27,6 @@ DEPTH = 4  # the search is this many times top_k deep: the oracle may rank lower
 
 class RaftError(Exception):
     """The questions or the service cannot make rows; the message says why."""
-
-
-@dataclass(frozen=True)
-class Hit:
-    """A search API hit, as prompting's Passage."""
-
-    chunk_id: str
-    doc_id: str
-    version: int
-    index: int
-    start: int
-    end: int
-    text: str
-    score: float
 
 
 def questions(path: Path) -> list[dict]:
@@ -72,12 +58,13 @@ class RaftBuilder:
         self._top_k, self._mode, self._max_tokens = top_k, mode, max_tokens
         self._share, self._seed = oracle_share, seed
 
-    def search(self, query: str, top_k: int) -> list[Hit]:
+    def search(self, query: str, top_k: int) -> list[SimpleNamespace]:
         body = {"query": query, "top_k": top_k, "mode": self._mode}
         response = self._http.post(f"/v1/collections/{self._collection}/search", json=body)
         if response.status_code != 200:
             raise RaftError(f"search failed ({response.status_code}): {response.text[:300]}")
-        return [Hit(**{k: h[k] for k in Hit.__dataclass_fields__}) for h in response.json()["data"]]
+        # A hit has every field prompting's Passage reads; attribute access is all it needs.
+        return [SimpleNamespace(**hit) for hit in response.json()["data"]]
 
     def row(self, question: dict) -> dict | None:
         """One RAFT row, or None when the oracle is to be kept and the retriever cannot find it."""
