@@ -17,7 +17,7 @@ import chromadb
 import httpx
 import numpy as np
 from chromadb.config import Settings as ChromaSettings
-from chromadb.errors import InternalError, NotFoundError
+from chromadb.errors import ChromaError, NotFoundError
 
 from knowledge.errors import StoreUnavailable
 from knowledge.settings import KnowledgeSettings
@@ -123,14 +123,24 @@ class VectorStore:
         try:
             with _reachable():
                 return getattr(self.collection(name), method)(**kwargs)
-        except (NotFoundError, InternalError) as exc:
-            # A `chroma run` server deleting the collection under a query answers with an
-            # internal error ("Nothing found on disk") rather than NotFound; same meaning.
-            if isinstance(exc, InternalError) and "nothing found on disk" not in str(exc).lower():
+        except ChromaError as exc:
+            # A `chroma run` server deleting the collection under a call does not always answer
+            # NotFound: an internal error ("Nothing found on disk") or a 412 ("Missing metadata
+            # segment") come back too, depending on where the delete caught the call. Which one
+            # is the server's race, not ours to list, so ask whether the collection still exists.
+            if not isinstance(exc, NotFoundError) and self._exists(name):
                 raise
             with self._lock:
                 self._collections.pop(name, None)
             raise MissingVectors(name) from None
+
+    def _exists(self, name: str) -> bool:
+        try:
+            with _reachable():
+                self._client.get_collection(name, embedding_function=None)
+        except NotFoundError:
+            return False
+        return True
 
     def upsert(self, name: str, ids: Sequence[str], embeddings: np.ndarray, metadatas: Sequence[dict]) -> None:
         for lo in range(0, len(ids), self._batch):
