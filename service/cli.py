@@ -65,10 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     push.add_argument("folder", type=Path, metavar="DIR", help="holds adapter_config.json, adapter_model.safetensors")
     push.add_argument("--name", required=True, help="the adapter's name; clients pass it as `model`")
     push.add_argument("--activate", action="store_true", help="hot-swap to the new version once it is registered")
-    adapter_commands.add_parser("list", help="every version, * marking the active ones")
+    _rag_options(push)
+    adapter_commands.add_parser("list", help="every version, * marking the active ones, with its stored evals")
     activate = adapter_commands.add_parser("activate", help="hot-swap an adapter to one of its versions")
     activate.add_argument("name")
     activate.add_argument("version")
+    _rag_options(activate)
     rollback = adapter_commands.add_parser("rollback", help="activate the previously active version")
     rollback.add_argument("name")
     delete = adapter_commands.add_parser("delete", help="delete a version, or the whole adapter")
@@ -94,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     revoke = key_commands.add_parser("revoke", help="stop a key from working, at once")
     revoke.add_argument("id")
 
-    evaluate = commands.add_parser("eval", help="score a running service: retrieval (search) against a question suite")
+    evaluate = commands.add_parser("eval", help="score a running service: retrieval (search) or chat answers, "
+                                   "against a suite")
     eval_commands = evaluate.add_subparsers(dest="eval_command", required=True)
     retrieval = eval_commands.add_parser(
         "retrieval", help="recall@k and MRR of the answer document and text, per search mode",
@@ -108,6 +111,21 @@ def main(argv: list[str] | None = None) -> int:
     retrieval.add_argument("--k", type=_sizes, default="1,3,5", help="comma-separated cut-offs (default: 1,3,5)")
     retrieval.add_argument("--split", help="score only the questions of this split (e.g. test)")
     retrieval.add_argument("--json", action="store_true", help="print the scores as JSON")
+    chat = eval_commands.add_parser(
+        "chat", help="format, facts and citations pass rates of chat answers, per cell (model, +prompt, +rag)",
+        description="Every case of SUITE is asked in every cell through /v1/chat/completions (temperature 0) and "
+        "scored by the suite's checks. Exit 0, 1 if a --gate threshold fails, 2 if nothing could be scored (a bad "
+        "suite, gate or argument, or a request the service refused).")
+    chat.add_argument("suite", type=Path, metavar="SUITE", help="a YAML suite: name, cases, system_prompt, rag, ...")
+    _remote_options(chat)
+    chat.add_argument("--cells", type=_names, required=True,
+                      help="comma-separated MODEL[+prompt][+rag], e.g. base,base+prompt,base+rag,legal,legal+rag "
+                      "(base: the served base model)")
+    chat.add_argument("--json", type=Path, metavar="OUT.json", help="write scores, per-tag scores and every answer")
+    chat.add_argument("--chart", type=Path, metavar="OUT.png", help="write a bar chart with 95%% interval error bars")
+    chat.add_argument("--gate", type=Path, metavar="FILE.yaml",
+                      help="fail (exit 1) unless the `gate:` thresholds of FILE hold (FILE may be the suite)")
+    chat.add_argument("--concurrency", type=_count, default=4, metavar="N", help="requests in flight (default: 4)")
 
     args = parser.parse_args(argv)
     if args.command == "docs":
@@ -159,6 +177,8 @@ def _docs(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    if args.eval_command == "chat":
+        return _eval_chat(args)
     from training.eval.retrieval import MODES, SearchClient, SearchFailed, SuiteError, load_suite, report, score
 
     if unknown := [m for m in args.modes if m not in MODES]:
@@ -182,6 +202,44 @@ def _eval(args: argparse.Namespace) -> int:
         return 1
     print(json.dumps(results, indent=2) if args.json else report(results))
     return 0
+
+
+def _eval_chat(args: argparse.Namespace) -> int:
+    from training.eval.chat import CellError, ChatFailed, SuiteError, chart, check_gate, evaluate, load_gate, load_suite
+
+    for out in (args.json, args.chart):  # before the run: finding out after minutes of generation is too late
+        if out is not None and not out.parent.is_dir():
+            print(f"lorag eval chat: cannot write {out}: no folder {out.parent}", file=sys.stderr)
+            return 2
+    try:
+        suite = load_suite(args.suite)
+        gate = check_gate(load_gate(args.gate), args.cells, suite) if args.gate else None
+        report = evaluate(suite, args.url, args.cells, args.api_key, concurrency=args.concurrency)
+    except (SuiteError, CellError) as exc:
+        print(f"lorag eval chat: {exc}", file=sys.stderr)
+        return 2
+    except ChatFailed as exc:  # no verdict: a refused request is not a wrong answer
+        print(f"lorag eval chat: stopped, {exc}", file=sys.stderr)
+        return 2
+    print(report.markdown())
+    if args.json:
+        args.json.write_text(json.dumps(report.as_dict(), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if args.chart:
+        chart(report, args.chart)
+    if gate is not None and (failures := report.gate(gate)):
+        print(f"lorag eval chat: gate {args.gate} failed:\n  " + "\n  ".join(failures), file=sys.stderr)
+        return 1
+    return 0
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
+    return value
 
 
 def _names(text: str) -> list[str]:
@@ -259,15 +317,40 @@ def _expiry(text: str) -> float:
     return at
 
 
+def _rag_options(parser: argparse.ArgumentParser) -> None:
+    """--rag-collection, --rag-top-k, --rag-mode: the adapter's retrieval defaults, set at activation."""
+    parser.add_argument("--rag-collection", metavar="C", help="also set the adapter's retrieval default: chat with it "
+                        "and no `rag` searches collection C (the request's `rag` still wins)")
+    parser.add_argument("--rag-top-k", type=int, metavar="N", help="with --rag-collection: chunks to retrieve (1-100)")
+    parser.add_argument("--rag-mode", choices=["hybrid", "dense", "keyword"], help="with --rag-collection: search mode")
+
+
+def _rag_default(args: argparse.Namespace) -> dict | None:
+    """The retrieval defaults the --rag-* options ask for; None when they ask for none."""
+    if args.rag_collection is None:
+        if args.rag_top_k is not None or args.rag_mode is not None:
+            raise ValueError("--rag-top-k and --rag-mode need --rag-collection")
+        return None
+    if args.adapters_command == "push" and not args.activate:
+        raise ValueError("--rag-collection is set at activation: add --activate")
+    rag = {"collection": args.rag_collection, "top_k": args.rag_top_k, "mode": args.rag_mode}
+    return {k: v for k, v in rag.items() if v is not None}
+
+
 def _adapters(args: argparse.Namespace) -> int:
     import httpx
 
     from service.adapters.client import AdapterCommandFailed, AdaptersClient, describe
 
+    try:
+        rag = _rag_default(args) if args.adapters_command in ("push", "activate") else None
+    except ValueError as exc:
+        print(f"lorag adapters: {exc}", file=sys.stderr)
+        return 2
     client = AdaptersClient(args.url, args.api_key)
     try:
         if args.adapters_command == "push":
-            result = client.push(args.folder, args.name, args.activate)
+            result = client.push(args.folder, args.name, args.activate, rag)
             version = result["version"]
             print(f"{version['served_name']} {result['status']}")
             if result.get("activation"):
@@ -275,7 +358,7 @@ def _adapters(args: argparse.Namespace) -> int:
         elif args.adapters_command == "list":
             print(describe(client.list()))
         elif args.adapters_command == "activate":
-            print(_activation(client.activate(args.name, args.version)))
+            print(_activation(client.activate(args.name, args.version, rag)))
         elif args.adapters_command == "rollback":
             print(_activation(client.rollback(args.name)))
         else:
@@ -293,7 +376,9 @@ def _adapters(args: argparse.Namespace) -> int:
 def _activation(report: dict) -> str:
     was = f"{report['adapter']}@{report['previous']}" if report["previous"] else "nothing"
     verb = "active (was " + was + ")" if report["changed"] else "already active"
-    return f"{report['served_name']} {verb} in {report['elapsed_ms']:.0f} ms"
+    rag = report.get("rag")
+    retrieval = f", retrieval default {rag['collection']}" if rag else ""
+    return f"{report['served_name']} {verb} in {report['elapsed_ms']:.0f} ms{retrieval}"
 
 
 def _demo(settings: Settings, args: list[str]) -> int:

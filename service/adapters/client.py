@@ -32,19 +32,33 @@ class AdaptersClient:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
         self._http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout, headers=headers)
 
-    def push(self, folder: Path, name: str, activate: bool) -> dict:
+    def push(self, folder: Path, name: str, activate: bool, rag: dict | None = None) -> dict:
+        """Upload a version; with `activate`, activate it, and with `rag` also set the adapter's retrieval
+        defaults. Then activation is a second call: the upload is multipart, and the activation sets the
+        version and the defaults in one change (an unknown collection leaves the version registered and
+        inactive, nothing served changed)."""
+        if rag is not None and not activate:
+            raise AdapterCommandFailed("retrieval defaults are set at activation: add --activate")
         response = self._http.post(
             f"/v1/adapters/{name}/versions",
-            params={"activate": "true"} if activate else None,
+            params={"activate": "true"} if activate and rag is None else None,
             files={"file": (f"{name}.tar.gz", pack_folder(folder), "application/gzip")},
         )
-        return self._body(response)
+        result = self._body(response)
+        if rag is not None:
+            result["activation"] = self.activate(name, result["version"]["version"], rag)
+        return result
 
     def list(self) -> list[dict]:
         return self._body(self._http.get("/v1/adapters"))["data"]
 
-    def activate(self, name: str, version: str) -> dict:
-        return self._body(self._http.post(f"/v1/adapters/{name}/activate", json={"version": version}))
+    def activate(self, name: str, version: str, rag: dict | None = None) -> dict:
+        body = {"version": version, **({"rag": rag} if rag is not None else {})}
+        return self._body(self._http.post(f"/v1/adapters/{name}/activate", json=body))
+
+    def store_eval(self, name: str, version: str, result: dict) -> dict:
+        """Store an eval result ({"suite", "passed", "failures", "report"}) with a version."""
+        return self._body(self._http.put(f"/v1/adapters/{name}/versions/{version}/eval", json=result))
 
     def rollback(self, name: str) -> dict:
         return self._body(self._http.post(f"/v1/adapters/{name}/rollback"))
@@ -67,11 +81,13 @@ class AdaptersClient:
 
 
 def describe(adapters: list[dict]) -> str:
-    """One line per version: name@version, active mark, rank, where it is loaded, created."""
+    """One line per version: name@version, active mark, rank, where it is loaded, its stored evals."""
     lines = []
     for adapter in adapters:
         for v in adapter["versions"]:
             mark = "*" if v["active"] else " "
             engines = ",".join(name for name, loaded in v["engines"].items() if loaded) or "-"
-            lines.append(f"{mark} {v['served_name']:40} rank {v['rank']:<3} loaded on {engines}")
+            evals = " ".join(f"{e['suite']}:{'passed' if e['passed'] else 'FAILED'}" for e in v.get("evals") or [])
+            line = f"{mark} {v['served_name']:40} rank {v['rank']:<3} loaded on {engines}"
+            lines.append(f"{line}  evals {evals}" if evals else line)
     return "\n".join(lines) or "no adapters"

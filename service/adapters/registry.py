@@ -55,6 +55,20 @@ CREATE TABLE IF NOT EXISTS adapter_activations (
     version TEXT NOT NULL,
     at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS adapter_evals (
+    name TEXT NOT NULL,
+    version TEXT NOT NULL,
+    suite TEXT NOT NULL,
+    result TEXT NOT NULL,  -- JSON: {"passed", "failures", "report"}
+    stored REAL NOT NULL,
+    PRIMARY KEY (name, version, suite),
+    FOREIGN KEY (name, version) REFERENCES adapter_versions(name, version) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS adapter_retrieval (
+    name TEXT PRIMARY KEY REFERENCES adapters(name) ON DELETE CASCADE,
+    rag TEXT NOT NULL,  -- JSON: {"collection", "top_k"?, "mode"?}
+    updated REAL NOT NULL
+);
 """
 
 
@@ -68,6 +82,18 @@ def _split_key(key: str) -> tuple[str, str]:
 
 
 @dataclass(frozen=True)
+class EvalResult:
+    """One eval suite's verdict on a version, as the caller stored it (after the upload, unlike the
+    manifest's `eval`, which is part of the version's content)."""
+
+    suite: str
+    passed: bool
+    failures: list[str]
+    report: dict[str, Any]
+    stored: float  # unix time
+
+
+@dataclass(frozen=True)
 class Version:
     tenant: str
     name: str
@@ -75,6 +101,8 @@ class Version:
     path: Path
     facts: dict[str, Any]  # AdapterFacts as stored: rank, alpha, target modules, size, manifest, eval, rag
     created: float
+    # By suite name. The one mutable part: results arrive after the version exists (its files never change).
+    evals: dict[str, EvalResult] = field(default_factory=dict, compare=False)
 
     @property
     def served(self) -> str:
@@ -99,9 +127,21 @@ class Adapter:
     created: float
     active: str | None = None
     versions: dict[str, Version] = field(default_factory=dict)
+    # Retrieval defaults set through the API ({"collection", "top_k"?, "mode"?}), or None. Per adapter,
+    # not per version: which collection the adapter answers from is the operator's choice for the name,
+    # which must survive activating a retrained version or rolling back (per version, every activation
+    # would have to restate it, and a rollback would quietly switch collections). What one version was
+    # trained for stays in its lorag.json `rag`, which applies when this is None.
+    rag: dict[str, Any] | None = None
 
     def active_version(self) -> Version | None:
         return self.versions.get(self.active) if self.active else None
+
+    def retrieval(self, version: Version) -> dict[str, Any] | None:
+        """The retrieval defaults a chat with `version` (active or pinned) and no `rag` gets: the adapter's,
+        else the version's lorag.json. Whole, not merged field by field: a top_k or filter chosen for one
+        collection need not suit another."""
+        return self.rag if self.rag is not None else version.facts.get("rag")
 
 
 def check_name(name: str) -> str:
@@ -209,13 +249,48 @@ class Registry:
              (key, version_id, json.dumps(stored), now)),
         ])
 
-    async def set_active(self, version: Version) -> None:
+    async def set_active(self, version: Version, rag: dict[str, Any] | None = None) -> None:
+        """Flip the alias to `version`; with `rag`, set the adapter's retrieval defaults in the same commit,
+        so no request sees the new version with the old defaults."""
         key = adapter_key(version.tenant, version.name)
-        await to_thread.run_sync(self._commit, [
+        now = time.time()
+        statements = [
             ("UPDATE adapters SET active = ? WHERE name = ?", (version.version, key)),
-            ("INSERT INTO adapter_activations (name, version, at) VALUES (?, ?, ?)", (key, version.version, time.time())),
-        ])
-        self._adapters[key].active = version.version
+            ("INSERT INTO adapter_activations (name, version, at) VALUES (?, ?, ?)", (key, version.version, now)),
+        ]
+        if rag is not None:
+            statements.append(self._retrieval_row(key, rag, now))
+        await to_thread.run_sync(self._commit, statements)
+        adapter = self._adapters[key]
+        adapter.active = version.version
+        if rag is not None:
+            adapter.rag = rag
+
+    async def set_rag(self, adapter: Adapter, rag: dict[str, Any] | None) -> None:
+        """Set (or, with None, clear) the adapter's retrieval defaults."""
+        key = adapter_key(adapter.tenant, adapter.name)
+        statement = (self._retrieval_row(key, rag, time.time()) if rag is not None
+                     else ("DELETE FROM adapter_retrieval WHERE name = ?", (key,)))
+        await to_thread.run_sync(self._commit, [statement])
+        adapter.rag = rag
+
+    @staticmethod
+    def _retrieval_row(key: str, rag: dict[str, Any], now: float) -> tuple[str, tuple]:
+        return ("INSERT OR REPLACE INTO adapter_retrieval (name, rag, updated) VALUES (?, ?, ?)",
+                (key, json.dumps(rag), now))
+
+    async def store_eval(
+        self, version: Version, suite: str, passed: bool, failures: list[str], report: dict[str, Any]
+    ) -> EvalResult:
+        """Store a suite's result for `version`, replacing that suite's earlier one."""
+        result = EvalResult(suite, passed, failures, report, time.time())
+        row = json.dumps({"passed": passed, "failures": failures, "report": report})
+        await to_thread.run_sync(self._commit, [(
+            "INSERT OR REPLACE INTO adapter_evals (name, version, suite, result, stored) VALUES (?, ?, ?, ?, ?)",
+            (adapter_key(version.tenant, version.name), version.version, suite, row, result.stored),
+        )])
+        version.evals[suite] = result
+        return result
 
     async def remove_version(self, found: Version) -> None:
         key = adapter_key(found.tenant, found.name)
@@ -267,4 +342,13 @@ class Registry:
             adapter = adapters[key]
             path = self.area(adapter.tenant) / adapter.name / version
             adapter.versions[version] = Version(adapter.tenant, adapter.name, version, path, json.loads(facts), created)
+        for key, version, suite, result, stored in self._db.execute(
+            "SELECT name, version, suite, result, stored FROM adapter_evals"
+        ):
+            fields = json.loads(result)
+            adapters[key].versions[version].evals[suite] = EvalResult(
+                suite, fields["passed"], fields["failures"], fields["report"], stored
+            )
+        for key, rag in self._db.execute("SELECT name, rag FROM adapter_retrieval"):
+            adapters[key].rag = json.loads(rag)
         return adapters

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import lzma
 import shutil
@@ -29,10 +30,15 @@ from knowledge.errors import CollectionNotFound, InvalidCollectionName
 from service.adapters.archive import copy_folder, unpack
 from service.adapters.inspection import BaseModelInfo, inspect_adapter
 from service.adapters.leases import Lease, Leases
-from service.adapters.registry import STAGING, VERSION_CHARS, Adapter, Registry, Version, adapter_key, check_name
+from service.adapters.registry import (
+    STAGING, VERSION_CHARS, Adapter, EvalResult, Registry, Version, adapter_key, check_name,
+)
+from service.adapters.schemas import MAX_EVAL_REPORT_BYTES, MAX_EVAL_SUITES
 from service.engine.lora import EngineCallFailed, LoraEndpoints
 from service.engine.pool import Engine, EnginePool
-from service.errors import ActivationFailed, AdapterConflict, AdapterRejected, EngineUnavailable, InvalidRequest
+from service.errors import (
+    ActivationFailed, AdapterConflict, AdapterRejected, EngineUnavailable, InvalidRequest, LimitExceeded,
+)
 from service.knowledge.service import KnowledgeService
 from service.metrics import Metrics
 from service.models.catalog import Target
@@ -136,7 +142,7 @@ class AdapterService:
                     f"the upload could not be read ({exc.__class__.__name__}: {exc}); send a plain .tar.gz "
                     "or .zip of the adapter files", code="unreadable_upload"
                 ) from None
-            await self._check_collection(tenant, facts.rag)
+            await self._check_collection(tenant, facts.rag, "lorag.json: rag.collection")
             if facts.base_fingerprint is None:  # validated against the served base: record which one
                 facts = dataclasses.replace(facts, base_fingerprint=self._base.fingerprint)
             existing = self._registry.find(tenant, name)
@@ -154,16 +160,25 @@ class AdapterService:
             await to_thread.run_sync(partial(shutil.rmtree, staged, ignore_errors=True))
         return version, created, report
 
-    async def activate(self, tenant: str, name: str, version: str) -> dict[str, Any]:
+    async def activate(
+        self, tenant: str, name: str, version: str, rag: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Activate `version`; with `rag`, also set the adapter's retrieval defaults (checked first: an
+        unknown collection changes nothing)."""
         async with self._changing:  # resolved inside: a delete may have run while we waited
-            return await self._activate(self._registry.version(tenant, name, version))
+            target = self._registry.version(tenant, name, version)
+            if rag is not None:
+                await self._check_collection(tenant, rag, "rag.collection")
+            return await self._activate(target, rag)
 
-    async def _activate(self, target: Version) -> dict[str, Any]:
+    async def _activate(self, target: Version, rag: dict[str, Any] | None = None) -> dict[str, Any]:
         started = time.perf_counter()
         name = target.name
         old = self._registry.get(target.tenant, name).active_version()
         previous = old.version if old else None
         if previous == target.version:
+            if rag is not None:  # the defaults alone change
+                await self._registry.set_rag(self._registry.get(target.tenant, name), rag)
             return self._report(target, previous, started, changed=False)
         with self.leases.acquire(target.served):  # desired while it loads: sync must not unload it
             failures = await self._load_on(self._engines.up(), target)
@@ -173,7 +188,7 @@ class AdapterService:
                     f"{target.pinned} was not activated, {name}@{previous or '-'} keeps serving: "
                     + "; ".join(failures)
                 )
-            await self._registry.set_active(target)
+            await self._registry.set_active(target, rag)
         log.info("adapter %s active (was %s)", target.served, previous or "none")
         if old is not None:
             self._retire(old.served)
@@ -184,6 +199,38 @@ class AdapterService:
         if previous is None:
             raise AdapterConflict(f"adapter {name!r} has no earlier version to roll back to", code="no_previous_version")
         return await self.activate(tenant, name, previous)
+
+    async def set_rag(self, tenant: str, name: str, rag: dict[str, Any] | None) -> Adapter:
+        """Set (None: clear) the adapter's retrieval defaults; the next request resolved uses them."""
+        async with self._changing:
+            adapter = self._registry.get(tenant, name)
+            if rag is not None:
+                await self._check_collection(tenant, rag, "rag.collection")
+            await self._registry.set_rag(adapter, rag)
+        log.info("adapter %s retrieval defaults: %s", adapter_key(tenant, name), rag or "none")
+        return adapter
+
+    async def store_eval(
+        self, tenant: str, name: str, version: str, suite: str, passed: bool, failures: list[str],
+        report: dict[str, Any],
+    ) -> EvalResult:
+        """Store an eval suite's result with a version, replacing the suite's earlier result."""
+        size = len(json.dumps(report, ensure_ascii=False).encode())
+        if size > MAX_EVAL_REPORT_BYTES:
+            raise LimitExceeded(
+                f"report is {size} bytes of JSON, more than the limit of {MAX_EVAL_REPORT_BYTES}; store a "
+                "summary (scores per cell) and keep the per-answer detail in a file", param="report",
+            )
+        async with self._changing:  # resolved inside: a delete may have run while we waited
+            found = self._registry.version(tenant, name, version)
+            if suite not in found.evals and len(found.evals) >= MAX_EVAL_SUITES:
+                raise LimitExceeded(
+                    f"{found.pinned} already has results for {MAX_EVAL_SUITES} suites, the most a version keeps; "
+                    "store this one under the name of a suite it has", param="suite",
+                )
+            result = await self._registry.store_eval(found, suite, passed, failures, report)
+        log.info("adapter %s eval %r stored: %s", found.served, suite, "passed" if passed else "failed")
+        return result
 
     async def delete_version(self, tenant: str, name: str, version: str) -> None:
         async with self._changing:
@@ -230,13 +277,14 @@ class AdapterService:
         for served in engine.loaded - self.desired():
             await self._unload(engine, served)
 
-    def describe(self, adapter: Adapter) -> dict[str, Any]:
+    def describe(self, adapter: Adapter, reports: bool = True) -> dict[str, Any]:
+        """The adapter and its versions; `reports=False` leaves the evals' full reports out (the list)."""
         versions = sorted(adapter.versions.values(), key=lambda v: v.created)
-        return {"name": adapter.name, "active": adapter.active, "created": adapter.created,
-                "versions": [self.describe_version(v) for v in versions]}
+        return {"name": adapter.name, "active": adapter.active, "created": adapter.created, "rag": adapter.rag,
+                "versions": [self.describe_version(v, reports) for v in versions]}
 
-    def describe_version(self, version: Version) -> dict[str, Any]:
-        """A version's facts, whether it is active, where it is loaded, how many requests hold it."""
+    def describe_version(self, version: Version, reports: bool = True) -> dict[str, Any]:
+        """A version's facts, evals, whether it is active, where it is loaded, how many requests hold it."""
         adapter = self._registry.find(version.tenant, version.name)
         return {
             **version.facts,
@@ -244,15 +292,16 @@ class AdapterService:
             "served_name": version.pinned,  # what the client may pin; the engine-side key names the tenant
             "active": adapter is not None and adapter.active == version.version,
             "created": version.created,
+            "evals": [describe_eval(version.evals[suite], reports) for suite in sorted(version.evals)],
             "engines": self._where(version.served),
             "in_flight": self.leases.count(version.served),
         }
 
     # Internals
 
-    async def _check_collection(self, tenant: str, rag: dict | None) -> None:
-        """Refuse an adapter whose lorag.json names a collection the tenant does not have: every chat
-        with it would be answered 404."""
+    async def _check_collection(self, tenant: str, rag: dict | None, where: str) -> None:
+        """Refuse retrieval defaults (`where`: whose) naming a collection the tenant does not have: every
+        chat with the adapter would be answered 404."""
         name = (rag or {}).get("collection")
         if name is None:
             return
@@ -262,7 +311,7 @@ class AdapterService:
         except (CollectionNotFound, InvalidCollectionName):
             known = ", ".join(c["name"] for c in await self._knowledge.list_collections(tenant=tenant)) or "none"
             raise AdapterRejected(
-                f"lorag.json: rag.collection {name!r} is not one of your collections (you have: {known}); "
+                f"{where} {name!r} is not one of your collections (you have: {known}); "
                 "create it first, or name one you have", code="unknown_collection",
             ) from None
 
@@ -381,8 +430,14 @@ class AdapterService:
             "previous": previous,
             "changed": changed,
             "engines": self._where(target.served),
+            "rag": self._registry.get(target.tenant, target.name).rag,
             "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
         }
+
+
+def describe_eval(result: EvalResult, report: bool = True) -> dict[str, Any]:
+    shown = {"suite": result.suite, "passed": result.passed, "failures": result.failures, "stored": result.stored}
+    return {**shown, "report": result.report} if report else shown
 
 
 def _differs(base: dict[str, Any], tuned: dict[str, Any]) -> bool:

@@ -73,8 +73,8 @@ class Retrieval:
         tenant: str,
     ) -> Grounding:
         """Search (the collection is looked up in the caller's `tenant`) and build the grounded messages.
-        Each option comes from the request, else from the adapter version's declared defaults
-        (`declared`, its lorag.json `rag`), else from settings."""
+        Each option comes from the request, else from the adapter's retrieval defaults (`declared`: set
+        through the adapter API, else its version's lorag.json `rag`), else from settings."""
         s, rag, declared = self._settings, request.rag, declared or {}
 
         def option(name: str) -> Any:

@@ -42,7 +42,9 @@ class RagOptions(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    collection: str | None = Field(None, description="Collection to search; default: LORAG_RAG_COLLECTION.")
+    collection: str | None = Field(
+        None, description="Collection to search; default: the adapter's retrieval default, else LORAG_RAG_COLLECTION."
+    )
     top_k: int | None = Field(None, ge=1, description="Chunks to retrieve; default: LORAG_RAG_TOP_K.")
     filter: dict[str, Any] | None = Field(None, description="Metadata filter, as in the search API.")
     mode: Literal["hybrid", "dense", "keyword"] | None = Field(None, description="Search mode; default: LORAG_RAG_MODE.")
@@ -117,7 +119,8 @@ class ChatCompletionRequest(BaseModel):
     echo: bool | None = Field(None, description="vLLM: prefix the answer with the last message if its role matches.")
     return_token_ids: bool | None = Field(None, description="vLLM: token ids of the prompt and the answer.")
     rag: RagOptions | None = Field(
-        None, description="Retrieval (lorag extension). Absent: retrieval only if LORAG_RAG_COLLECTION is set."
+        None, description="Retrieval (lorag extension). Absent: retrieval only if the adapter `model` names has "
+        "retrieval defaults (GET /v1/adapters/{name}) or LORAG_RAG_COLLECTION is set."
     )
 
 

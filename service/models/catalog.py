@@ -22,6 +22,9 @@ class Target:
     tenant: str  # the caller's
     served: str
     version: Version | None = None
+    # The retrieval defaults for a request without `rag` (the adapter's, else the version's lorag.json),
+    # resolved with the version: a change made while the request runs does not reach it.
+    rag: dict[str, Any] | None = None
 
     @property
     def shown(self) -> str:
@@ -32,11 +35,6 @@ class Target:
     def labels(self) -> tuple[str, str, str]:
         """(tenant, adapter, version) metric labels; the base model is (tenant, its name, "base")."""
         return self.version.labels if self.version else (self.tenant, self.served, "base")
-
-    @property
-    def rag(self) -> dict[str, Any] | None:
-        """The retrieval defaults the adapter version declared, if any."""
-        return self.version.facts.get("rag") if self.version else None
 
 
 class ModelCatalog:
@@ -61,7 +59,7 @@ class ModelCatalog:
         if adapter is not None:
             if pinned and version in adapter.versions:
                 found = adapter.versions[version]
-                return Target(tenant, found.served, found)
+                return Target(tenant, found.served, found, adapter.retrieval(found))
             if not pinned:
                 active = adapter.active_version()
                 if active is None:
@@ -70,7 +68,7 @@ class ModelCatalog:
                         f"{name}@VERSION ({', '.join(adapter.versions)})",
                         code="no_active_version",
                     )
-                return Target(tenant, active.served, active)
+                return Target(tenant, active.served, active, adapter.retrieval(active))
         raise ModelNotFound(name, self.names(tenant))
 
     def listing(self, tenant: str) -> list[dict]:

@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -22,6 +23,7 @@ from knowledge.fingerprint import fingerprint
 from service.engine.launcher import free_port
 from tests.adapters import make_adapter, pack
 from tests.conftest import MODEL_NAME
+from tests.gateway import knowledge_gateway
 from tests.sse import sse_payloads
 from training.demo.base import build_base
 
@@ -393,3 +395,81 @@ def test_an_upload_in_its_canary_holds_up_no_other_adapters_activation(gateway, 
     while httpx.get(url(gateway, "/readyz")).status_code != 200:  # the engine may have missed a health check
         assert time.monotonic() < deadline
         time.sleep(0.5)
+
+
+def put_eval(gateway, name: str, version: str, body) -> httpx.Response:
+    return httpx.put(url(gateway, f"/v1/adapters/{name}/versions/{version}/eval"), json=body)
+
+
+def evals(gateway, name: str) -> list[dict]:
+    return httpx.get(url(gateway, f"/v1/adapters/{name}")).json()["versions"][0]["evals"]
+
+
+def test_eval_results_are_stored_by_suite_replaced_and_shown_with_their_version(gateway, made, tmp_path):
+    version = uploaded(gateway, "gated", made["v1"])
+    report = {"cells": {"gated+rag": {"facts": {"rate": 0.82, "n": 50}}}, "url": "http://x"}
+    first = {"suite": "legal house style", "passed": False, "failures": ["gated+rag: facts 0.82 < 0.90"],
+             "report": report}
+    stored = put_eval(gateway, "gated", version, first)
+    assert stored.status_code == 200, stored.text
+    assert {k: stored.json()[k] for k in first} == first and stored.json()["stored"] > 0
+
+    again = put_eval(gateway, "gated", version, {**first, "passed": True, "failures": [], "report": {"v": 2}})
+    assert again.status_code == 200, again.text  # the same suite: replaced, not added
+    assert put_eval(gateway, "gated", version, {"suite": "citations", "passed": True}).status_code == 200
+    shown = evals(gateway, "gated")
+    assert [(e["suite"], e["passed"], e["failures"], e["report"]) for e in shown] == [
+        ("citations", True, [], {}), ("legal house style", True, [], {"v": 2})]
+    assert shown[1]["stored"] >= stored.json()["stored"]
+    listed = next(a for a in httpx.get(url(gateway, "/v1/adapters")).json()["data"] if a["name"] == "gated")
+    # The list keeps each verdict and leaves the full reports to GET /v1/adapters/{name}.
+    assert [(e["suite"], e["passed"], e["report"]) for e in listed["versions"][0]["evals"]] == [
+        ("citations", True, None), ("legal house style", True, None)]
+    listing = lorag("adapters", "--url", gateway.url, "list").stdout
+    assert f"gated@{version}" in listing and "evals citations:passed legal house style:passed" in listing
+
+    # Unknown names are 404s; bad bodies 4xx that name the field; none of them changes what is stored.
+    assert error(put_eval(gateway, "nobody", version, first), 404)["code"] == "adapter_not_found"
+    missing = error(put_eval(gateway, "gated", "000000000000", first), 404)
+    assert missing["code"] == "adapter_not_found" and version in missing["message"]
+    bad = {
+        "passed": {**first, "passed": "yes"},
+        "suite": {"passed": True},
+        "suite ": {**first, "suite": " padded"},
+        "failures": {**first, "failures": ["x"] * 201},
+        "failures.0": {**first, "failures": ["x" * 2001]},
+        "report": {**first, "report": ["not", "an", "object"]},
+        "verdict": {**first, "verdict": "pass"},
+    }
+    for param, body in bad.items():
+        refused = error(put_eval(gateway, "gated", version, body), 400)
+        assert refused["param"].startswith(param.strip()), (param, refused)
+    nan = httpx.put(url(gateway, f"/v1/adapters/gated/versions/{version}/eval"),
+                    content=b'{"suite": "s", "passed": true, "report": {"rate": NaN}}',
+                    headers={"content-type": "application/json"})
+    assert error(nan, 400)["code"] == "non_finite_number"
+    huge = put_eval(gateway, "gated", version, {**first, "report": {"answers": ["x" * 1000] * 70}})
+    assert error(huge, 413)["code"] == "body_too_large"  # LORAG_MAX_BODY_BYTES: 64 KiB in the tests
+    assert evals(gateway, "gated") == shown
+
+    # Persisted with the version: a new process over the same store shows them (the store is copied,
+    # so the session's gateway and its engine keep running), with the adapter's retrieval defaults.
+    assert httpx.post(url(gateway, "/v1/collections"), json={"name": "gated-docs"}).status_code in (201, 409)
+    assert httpx.put(url(gateway, "/v1/adapters/gated/rag"), json={"collection": "gated-docs"}).status_code == 200
+    home = tmp_path / "restarted"
+    home.mkdir()
+    with sqlite3.connect(gateway.home / "lorag.db") as live, sqlite3.connect(home / "lorag.db") as copy:
+        live.backup(copy)
+    restarted = knowledge_gateway(home).start()
+    try:
+        restarted.wait_up()
+        after = httpx.get(f"{restarted.url}/v1/adapters/gated").json()
+        assert after["versions"][0]["evals"] == shown
+        assert after["rag"] == {"collection": "gated-docs", "top_k": None, "mode": None}  # None: LORAG_RAG_*
+    finally:
+        restarted.stop(signal.SIGTERM)
+
+    # Deleting the version deletes its results: the same files uploaded again start with none.
+    assert httpx.delete(url(gateway, f"/v1/adapters/gated/versions/{version}")).status_code == 200
+    assert uploaded(gateway, "gated", made["v1"]) == version
+    assert evals(gateway, "gated") == []

@@ -10,6 +10,8 @@ import json
 import select
 import socket
 import sqlite3
+import subprocess
+import sys
 
 import httpx
 import openai
@@ -269,6 +271,85 @@ def test_an_adapter_declares_the_collection_and_settings_it_serves_with(gateway,
         assert "ninety days" not in prompt_seen_by_vllm(base, tokenizer) and "citations" not in base.json()
     finally:
         assert httpx.delete(f"{gateway.url}/v1/adapters/clerk").status_code == 200
+
+
+def lorag(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "service.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_an_adapters_retrieval_default_is_set_at_activation_and_used_when_a_request_has_no_rag(
+    gateway, kb, tokenizer, tiny_model, tmp_path
+):
+    for name in ("statutes", "contracts"):
+        assert httpx.post(f"{gateway.url}/v1/collections", json={"name": name}).status_code in (201, 409)
+    kb("statutes", "s-112", "Section 112: a harbour pilot must hold a licence renewed every five years.")
+    kb("statutes", "s-113", "Section 113: pilotage dues are settled within thirty days.")
+    kb("contracts", "notice", "Clause 7: the notice period is ninety days.")
+    adapters = f"{gateway.url}/v1/adapters/counsel"
+
+    def upload(folder) -> str:
+        response = httpx.post(f"{adapters}/versions", files={"file": ("counsel.tgz", pack(folder))}, timeout=120)
+        assert response.status_code == 201, response.text
+        return response.json()["version"]["version"]
+
+    v1 = upload(make_adapter(tiny_model, tmp_path / "v1", seed=5))
+    # Version 2 declares its own defaults in lorag.json: the adapter's, once set, replace them whole.
+    second = make_adapter(tiny_model, tmp_path / "v2", seed=6)
+    (second / "lorag.json").write_text(json.dumps({"rag": {"collection": "contracts", "top_k": 1}}))
+    v2 = upload(second)
+    try:
+        question = "How often is a pilot's licence renewed?"
+        activated = httpx.post(f"{adapters}/activate", json={"version": v1, "rag": {"collection": "statutes",
+                                                                                       "top_k": 1}}, timeout=60)
+        assert activated.status_code == 200, activated.text
+        assert activated.json()["rag"] == {"collection": "statutes", "top_k": 1, "mode": None}
+        shown = httpx.get(adapters).json()
+        assert (shown["active"], shown["rag"]["collection"]) == (v1, "statutes")
+
+        for model in ("counsel", f"counsel@{v1}", f"counsel@{v2}"):  # the alias and pinned versions alike
+            grounded = ask(gateway, question, None, model=model)
+            assert "five years" in prompt_seen_by_vllm(grounded, tokenizer), model
+            assert grounded.json()["rag"]["collection"] == "statutes"
+            assert [c["doc_id"] for c in grounded.json()["citations"]] == ["s-112"]  # its top_k: 1
+        own = ask(gateway, "What is the notice period?", {"collection": "contracts"}, model="counsel")
+        assert [c["doc_id"] for c in own.json()["citations"]] == ["notice"]  # the request's rag wins
+        off = ask(gateway, question, {"enabled": False}, model="counsel")
+        assert "five years" not in prompt_seen_by_vllm(off, tokenizer) and "citations" not in off.json()
+        base = ask(gateway, question, None)  # the base model is unaffected
+        assert "five years" not in prompt_seen_by_vllm(base, tokenizer) and "citations" not in base.json()
+
+        # An unknown collection is refused by name and changes nothing: neither the version nor the defaults.
+        shown = httpx.get(adapters).json()  # with counsel@v2 loaded now, for the pinned request
+        refused = httpx.post(f"{adapters}/activate", json={"version": v2, "rag": {"collection": "no-such"}})
+        assert refused.status_code == 422 and refused.json()["error"]["code"] == "unknown_collection", refused.text
+        assert "'no-such'" in refused.json()["error"]["message"] and "statutes" in refused.json()["error"]["message"]
+        refused = httpx.put(f"{adapters}/rag", json={"collection": "no-such"})
+        assert refused.status_code == 422 and "'no-such'" in refused.text
+        for body in ({"collection": "statutes", "top_k": 0}, {"collection": "statutes", "filter": {}}, {"top_k": 2}):
+            assert httpx.put(f"{adapters}/rag", json=body).status_code == 400, body
+        assert httpx.put(f"{gateway.url}/v1/adapters/nobody/rag", json={"collection": "statutes"}).status_code == 404
+        assert httpx.get(adapters).json() == shown
+
+        # Cleared: each version's own lorag.json applies again (v1 declares none, and no LORAG_RAG_COLLECTION).
+        assert httpx.delete(f"{adapters}/rag").json()["rag"] is None
+        assert "citations" not in ask(gateway, question, None, model="counsel").json()
+        declared = ask(gateway, "What is the notice period?", None, model=f"counsel@{v2}")
+        assert [c["doc_id"] for c in declared.json()["citations"]] == ["notice"]
+
+        # The CLI: set at activation, shown in the activation's line.
+        cli = lorag("adapters", "--url", gateway.url, "activate", "counsel", v2, "--rag-collection", "statutes",
+                    "--rag-top-k", "2", "--rag-mode", "keyword")
+        assert cli.returncode == 0 and cli.stdout.rstrip().endswith("retrieval default statutes"), cli.stderr
+        assert httpx.get(adapters).json()["rag"] == {"collection": "statutes", "top_k": 2, "mode": "keyword"}
+        assert ask(gateway, question, None, model="counsel").json()["rag"]["mode"] == "keyword"
+        unknown = lorag("adapters", "--url", gateway.url, "activate", "counsel", v1, "--rag-collection", "no-such")
+        assert unknown.returncode == 1 and "422 (unknown_collection)" in unknown.stderr, unknown.stderr
+        assert httpx.get(adapters).json()["active"] == v2
+        alone = lorag("adapters", "--url", gateway.url, "push", str(second), "--name", "counsel",
+                      "--rag-collection", "statutes")
+        assert alone.returncode == 2 and "add --activate" in alone.stderr, alone.stderr
+    finally:
+        assert httpx.delete(adapters).status_code == 200
 
 
 def test_metrics_count_first_tokens_retrieval_stages_and_engines(gateway, kb):
