@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     push.add_argument("folder", type=Path, metavar="DIR", help="holds adapter_config.json, adapter_model.safetensors")
     push.add_argument("--name", required=True, help="the adapter's name; clients pass it as `model`")
     push.add_argument("--activate", action="store_true", help="hot-swap to the new version once it is registered")
+    push.add_argument("--gate", type=Path, metavar="SUITE.yaml",
+                      help="first evaluate the new version pinned with the suite's `gate:`; it is activated (with "
+                      "--activate) only if it passes, and the verdict is stored with it (exit 1: failed)")
     _rag_options(push)
     adapter_commands.add_parser("list", help="every version, * marking the active ones, with its stored evals")
     activate = adapter_commands.add_parser("activate", help="hot-swap an adapter to one of its versions")
@@ -348,7 +351,21 @@ def _adapters(args: argparse.Namespace) -> int:
         print(f"lorag adapters: {exc}", file=sys.stderr)
         return 2
     client = AdaptersClient(args.url, args.api_key)
+    gate = getattr(args, "gate", None)
     try:
+        if gate is not None:
+            from training.eval.chat import SuiteError
+            from training.eval.gate import check_suite, run_gate
+
+            try:
+                check_suite(gate, args.name)  # before the upload: a bad suite leaves nothing behind
+            except SuiteError as exc:
+                print(f"lorag adapters: --gate {gate}: {exc}", file=sys.stderr)
+                return 2
+            version = client.push(args.folder, args.name, activate=False)["version"]
+            print(f"{version['served_name']} uploaded, inactive until it passes the gate")
+            return run_gate(args.url, args.name, version["version"], gate, api_key=args.api_key,
+                            activate=args.activate, rag=rag, prog="lorag adapters")
         if args.adapters_command == "push":
             result = client.push(args.folder, args.name, args.activate, rag)
             version = result["version"]

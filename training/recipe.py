@@ -38,6 +38,8 @@ from training.config import ConfigError, TrainConfig, load
 from training.data.doctor import check, text
 from training.data.masking import IGNORE, Rendered, Renderer
 from training.data.rows import read
+from training.eval.chat import SuiteError
+from training.eval.gate import check_suite, run_gate
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
@@ -388,13 +390,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--push", metavar="URL", help="upload the adapter to this lorag service when training ends")
     parser.add_argument("--name", help="the adapter's name there (with --push)")
     parser.add_argument("--activate", action="store_true", help="hot-swap to the pushed version")
+    parser.add_argument("--gate", type=Path, metavar="SUITE.yaml", help="with --push: evaluate the pushed version "
+                        "pinned by the suite's `gate:` first; only a version that passes is activated (exit 1: failed)")
     parser.add_argument("--api-key", default=os.environ.get("LORAG_API_KEY"), help="(LORAG_API_KEY)")
     parser.add_argument("--default-model", type=Path, help=argparse.SUPPRESS)  # the served model, from `lorag`
     args = parser.parse_args(argv)
     if args.push and not args.name:
         parser.error("--push needs --name, the adapter's name on the service")
+    if args.gate and not args.push:
+        parser.error("--gate judges the pushed version: add --push URL --name NAME")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if args.gate:  # before training: a suite that cannot gate is found in seconds, not after the run
+            check_suite(args.gate, args.name)
         config = load(args.config, args.overrides)
         if config.model is None:
             if args.default_model is None:
@@ -402,18 +410,19 @@ def main(argv: list[str] | None = None) -> int:
             config.model = args.default_model
         log.info("config: %s", json.dumps(config.as_dict()))
         folder = train(config, resume=args.resume)
-    except (ConfigError, TrainingError) as exc:
+    except (ConfigError, TrainingError, SuiteError) as exc:
         parser.exit(2, f"lorag train: {exc}\n")
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun, process 0 reports and pushes
     print(f"adapter written to {folder}")
     if args.push:
-        return push(folder, args.push, args.name, args.activate, args.api_key)
+        return push(folder, args.push, args.name, args.activate, args.api_key, args.gate)
     return 0
 
 
-def push(folder: Path, url: str, name: str, activate: bool, api_key: str | None) -> int:
-    """Upload through the adapter API, over HTTP only (validated and canary-checked there, as any upload)."""
+def push(folder: Path, url: str, name: str, activate: bool, api_key: str | None, gate: Path | None = None) -> int:
+    """Upload through the adapter API, over HTTP only (validated and canary-checked there, as any upload);
+    with `gate`, uploaded inactive and activated only if it passes (training.eval.gate)."""
     import io
     import tarfile
 
@@ -426,7 +435,7 @@ def push(folder: Path, url: str, name: str, activate: bool, api_key: str | None)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     try:
         response = httpx.post(f"{url.rstrip('/')}/v1/adapters/{name}/versions", headers=headers, timeout=300,
-                              params={"activate": "true"} if activate else None,
+                              params={"activate": "true"} if activate and gate is None else None,
                               files={"file": (f"{name}.tar.gz", archive.getvalue(), "application/gzip")})
     except httpx.TransportError as exc:
         print(f"lorag train: cannot reach the service at {url}: {exc}; the adapter is in {folder}", file=sys.stderr)
@@ -439,6 +448,9 @@ def push(folder: Path, url: str, name: str, activate: bool, api_key: str | None)
         print(f"lorag train: the service refused the adapter: {reason}", file=sys.stderr)
         return 1
     version = response.json()["version"]["version"]
+    if gate is not None:
+        print(f"pushed {name}@{version}, inactive until it passes the gate")
+        return run_gate(url, name, version, gate, api_key=api_key, activate=activate, prog="lorag train")
     print(f"pushed {name}@{version}" + (" and activated it" if activate else ""))
     return 0
 

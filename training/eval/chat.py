@@ -489,7 +489,7 @@ class ChatClient:
     def close(self) -> None:
         self._http.close()
 
-    def _call(self, method: str, path: str, what: str, **kwargs: Any) -> dict[str, Any]:
+    def call(self, method: str, path: str, what: str, **kwargs: Any) -> dict[str, Any]:
         try:
             response = self._http.request(method, path, **kwargs)
         except httpx.TransportError as exc:
@@ -507,7 +507,7 @@ class ChatClient:
 
     def base_model(self) -> str:
         """The one model of GET /v1/models that is not an adapter (adapters carry a `parent`)."""
-        cards = self._call("GET", "/v1/models", "listing models").get("data") or []
+        cards = self.call("GET", "/v1/models", "listing models").get("data") or []
         bases = [card["id"] for card in cards if not card.get("parent")]
         if len(bases) != 1:
             raise ChatFailed(f"cannot tell the base model at {self.url}: GET /v1/models lists "
@@ -516,7 +516,7 @@ class ChatClient:
 
     def answer(self, body: dict[str, Any], what: str) -> tuple[str, list[dict[str, Any]], dict[str, Any] | None]:
         """(answer text, the response's citations, usage)."""
-        reply = self._call("POST", "/v1/chat/completions", what, json=body)
+        reply = self.call("POST", "/v1/chat/completions", what, json=body)
         try:
             text = reply["choices"][0]["message"].get("content") or ""
         except (KeyError, IndexError, TypeError, AttributeError):
@@ -525,8 +525,11 @@ class ChatClient:
 
 
 def evaluate(suite: Suite, url: str, cells: list[str], api_key: str | None = None, *,
-             concurrency: int = 4, progress: bool = True) -> Report:
-    """Ask every case in every cell and score the answers; ChatFailed stops the run at the first refusal."""
+             concurrency: int = 4, progress: bool = True, pins: Mapping[str, str] | None = None) -> Report:
+    """Ask every case in every cell and score the answers; ChatFailed stops the run at the first refusal.
+
+    `pins` maps a cell's MODEL to the `model` actually sent ({"legal": "legal@3f9a2c1b"}): the gate
+    judges a new version under the cell names its thresholds use, before `legal` points at it."""
     if concurrency < 1:
         raise ValueError(f"concurrency is 1 or more, got {concurrency}")
     parsed = parse_cells(cells, suite)
@@ -535,7 +538,8 @@ def evaluate(suite: Suite, url: str, cells: list[str], api_key: str | None = Non
         base = suite.base_model
         if base is None and any(cell.model == "base" for cell in parsed):
             base = client.base_model()
-        models = {cell.name: base if cell.model == "base" else cell.model for cell in parsed}
+        pins = pins or {}
+        models = {cell.name: base if cell.model == "base" else pins.get(cell.model, cell.model) for cell in parsed}
         jobs = [(cell, case) for cell in parsed for case in suite.cases]
 
         def ask(cell: Cell, case: Case) -> Answer:
@@ -587,15 +591,19 @@ class Report:
         answers = [a for a in self.answers[cell] if tag is None or tag in a.case.tags]
         return {kind: stats([a.passed[kind] for a in answers if kind in a.passed]) for kind in KINDS}
 
-    def as_dict(self) -> dict[str, Any]:
+    def summary(self) -> dict[str, Any]:
+        """The scores without the answers: what is stored with an adapter version."""
         return {
             "suite": self.suite,
             "url": self.url,
             "models": self.models,
             "cells": {cell: self.scores(cell) for cell in self.cells},
             "tags": {cell: {tag: self.scores(cell, tag) for tag in self.tags()} for cell in self.cells},
-            "answers": {cell: [a.as_dict() for a in answers] for cell, answers in self.answers.items()},
         }
+
+    def as_dict(self) -> dict[str, Any]:
+        answers = {cell: [a.as_dict() for a in answers] for cell, answers in self.answers.items()}
+        return {**self.summary(), "answers": answers}
 
     def markdown(self) -> str:
         """A table per cell (and per cell and tag): mean [95% interval] n=count for each check kind."""
