@@ -12,6 +12,8 @@ from typing import Any
 import yaml
 
 SCHEDULES = ("cosine", "linear", "constant")
+METHODS = ("lora", "full")  # full: every weight trained, a whole model folder written (e.g. the demo base model)
+LOSSES = ("assistant", "all")  # all: every token of a row is learned, prompt included (pretraining)
 
 
 class ConfigError(ValueError):
@@ -32,6 +34,8 @@ class TrainConfig:
     output: Path = Path("adapter")  # the adapter folder written at the end
     model: Path | None = None  # the base model folder; None: the served model (LORAG_MODEL or the demo model)
     eval: Path | None = None
+    method: str = "lora"
+    loss: str = "assistant"  # assistant: the trained assistant turns only
     lora: Lora = field(default_factory=Lora)
     epochs: int = 1
     max_steps: int = 0  # optimizer steps; 0: as many as `epochs` make
@@ -39,6 +43,7 @@ class TrainConfig:
     schedule: str = "cosine"  # after warm-up: cosine or linear decay to 0, or constant
     warmup_steps: int = 0
     weight_decay: float = 0.0
+    max_grad_norm: float = 0.0  # clip the gradient's global norm to this; 0: no clipping
     batch_size: int = 4  # rows per forward pass
     grad_accum: int = 1  # forward passes per optimizer step
     max_seq_len: int = 1024
@@ -58,8 +63,11 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be 0 or more, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise ConfigError(f"learning_rate must be above 0, got {self.learning_rate}")
-        if self.schedule not in SCHEDULES:
-            raise ConfigError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
+        for name, choices in (("schedule", SCHEDULES), ("method", METHODS), ("loss", LOSSES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}")
+        if self.max_grad_norm < 0:
+            raise ConfigError(f"max_grad_norm must be 0 (off) or more, got {self.max_grad_norm}")
         if self.lora.rank < 1 or not self.lora.alpha > 0 or not 0 <= self.lora.dropout < 1:
             raise ConfigError("lora needs rank >= 1, alpha > 0 and 0 <= dropout < 1")
         if not self.lora.target_modules:

@@ -1,9 +1,11 @@
-"""The LoRA SFT recipe: `lorag train CONFIG.yaml [key=value ...] [--resume]`.
+"""The SFT recipe: `lorag train CONFIG.yaml [key=value ...] [--resume]`.
 
 Read top to bottom:
   setup  the config; the data doctor over the train and eval files (errors stop the run);
-         rows rendered and masked by training.data.masking, the code the doctor reports from;
-         the base model with LoRA on `lora.target_modules`, on CUDA (bf16) if there is one, else the CPU.
+         rows rendered and masked by training.data.masking, the code the doctor reports from
+         (`loss: all` learns every token instead, the prompt's too);
+         the base model with LoRA on `lora.target_modules` (`method: full`: every weight trained),
+         on CUDA (bf16) if there is one, else the CPU.
   train  batches of rows of similar length (padding only to the longest in each); the loss is
          the sum of token losses over all trainable tokens of an optimizer step's accumulated
          batches (on every process, under torchrun), divided by their number, so neither
@@ -11,7 +13,8 @@ Read top to bottom:
          warm-up then cosine, linear or constant; eval every `eval_every` steps, early stopping
          on eval loss; checkpoints every `checkpoint_every` steps, resumable to the same weights.
   save   adapter_config.json, adapter_model.safetensors (the best eval loss's weights, or the
-         last) and lorag.json (what made it); no pickle anywhere. Beside the adapter, in
+         last) and lorag.json (what made it); no pickle anywhere. `method: full` writes a whole
+         model folder instead (config, model.safetensors, the base's tokenizer files, lorag.json). Beside the adapter, in
          OUTPUT.run/: metrics.jsonl and the checkpoints.
 """
 
@@ -45,6 +48,7 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "lorag.json")  # what `save` writes
+TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "chat_template", "vocab", "merges")  # name prefixes
 GROUP = 50  # batches' worth of rows sorted by length together: similar lengths, still shuffled
 
 
@@ -71,9 +75,13 @@ def setup(config: TrainConfig) -> tuple[Renderer, list[Rendered], list[Rendered]
     report = check(config.train, renderer, config.max_seq_len, config.eval)
     if report.errors:
         raise TrainingError(f"the data doctor found errors; fix them first:\n{text(report, config.train)}")
-    train = [renderer.render(row).truncated(config.max_seq_len) for row, _ in read(config.train)]
-    evaluation = [renderer.render(row).truncated(config.max_seq_len) for row, _ in read(config.eval)] if config.eval else []
-    return renderer, train, evaluation, report.summary
+    def rendered(path: Path) -> list[Rendered]:
+        rows = [renderer.render(row).truncated(config.max_seq_len) for row, _ in read(path)]
+        if config.loss == "all":  # every token is learned: the prompt's too
+            rows = [Rendered(r.input_ids, list(r.input_ids), r.ends_with_eot) for r in rows]
+        return rows
+
+    return renderer, rendered(config.train), rendered(config.eval) if config.eval else [], report.summary
 
 
 @dataclass(frozen=True)
@@ -105,11 +113,14 @@ def device(processes: Processes) -> tuple[torch.device, torch.dtype]:
     return torch.device("cpu"), torch.float32
 
 
-def model_with_lora(config: TrainConfig, where: torch.device, dtype: torch.dtype):
+def trained_model(config: TrainConfig, where: torch.device, dtype: torch.dtype):
+    """The base model with LoRA on `lora.target_modules` (method lora), or itself, every weight trained (full)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(config.model, local_files_only=True, dtype=dtype).to(where)
+    if config.method == "full":
+        return base
     torch.manual_seed(config.seed)  # LoRA's A matrices start random: the seed fixes them
     lora = LoraConfig(
         r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
@@ -167,7 +178,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     processes = Processes.join()
     renderer, rows, eval_rows, summary = setup(config)
     where, dtype = device(processes)
-    model = model_with_lora(config, where, dtype)
+    model = trained_model(config, where, dtype)
     forward = model
     if processes.world > 1:
         from torch.nn.parallel import DistributedDataParallel
@@ -183,7 +194,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
     state = State()
     output = config.output
     work = run_dir(config)
-    best = {k: v.detach().clone() for k, v in _lora_state(model).items()}
+    best = {k: v.detach().clone() for k, v in _trained_state(model).items()}
     if resume:
         state, best = _restore(work, model, optimizer, scheduler)
     elif processes.main:  # a fresh run replaces an earlier one's metrics and checkpoints
@@ -217,6 +228,8 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
                 reduced = torch.tensor([loss_total], device=where)
                 dist.all_reduce(reduced)
                 loss_total = reduced.item()
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             lr = scheduler.get_last_lr()[0]  # the rate this step used
             optimizer.step()
             scheduler.step()
@@ -232,7 +245,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
                 record["eval_loss"] = round(evaluate(model, eval_rows, config.batch_size, pad_id, where, dtype), 6)
                 if record["eval_loss"] < state.best_eval:
                     state.best_eval, state.best_step, state.evals_without_gain = record["eval_loss"], state.step, 0
-                    best = {k: v.detach().clone() for k, v in _lora_state(model).items()}
+                    best = {k: v.detach().clone() for k, v in _trained_state(model).items()}
                 else:
                     state.evals_without_gain += 1
             if processes.main and (evaluating or state.step % config.log_every == 0):
@@ -246,7 +259,7 @@ def train(config: TrainConfig, *, resume: bool = False) -> Path:
                 stopped_early = True
                 break
     if not eval_rows:
-        best = _lora_state(model)
+        best = _trained_state(model)
     if processes.world > 1:
         dist.barrier()
         if not processes.main:
@@ -284,7 +297,7 @@ def _lr_factor(config: TrainConfig, step: int, total: int) -> float:
 # Checkpoints: weights and optimizer tensors in safetensors, the rest in JSON.
 
 
-def _lora_state(model) -> dict[str, torch.Tensor]:
+def _trained_state(model) -> dict[str, torch.Tensor]:
     return {k: v for k, v in model.named_parameters() if v.requires_grad}
 
 
@@ -299,7 +312,7 @@ def _checkpoint(work: Path, model, optimizer, scheduler, state: State, best: dic
     shutil.rmtree(partial, ignore_errors=True)  # left by a run killed mid-save
     partial.mkdir(parents=True)
     names = {id(p): n for n, p in model.named_parameters()}
-    tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in _lora_state(model).items()}
+    tensors = {f"param/{n}": p.detach().cpu().contiguous() for n, p in _trained_state(model).items()}
     tensors |= {f"best/{n}": t.detach().cpu().contiguous() for n, t in best.items()}
     steps = {}
     for group in optimizer.param_groups:
@@ -329,7 +342,7 @@ def _restore(work: Path, model, optimizer, scheduler) -> tuple[State, dict]:
     meta = json.loads((folder / "state.json").read_text())
     params = dict(model.named_parameters())
     with torch.no_grad():
-        for name, p in _lora_state(model).items():
+        for name, p in _trained_state(model).items():
             p.copy_(tensors[f"param/{name}"].to(p.device))
     for group in optimizer.param_groups:
         for p in group["params"]:
@@ -368,11 +381,15 @@ def save(config: TrainConfig, model, weights: dict, summary: dict, state: State,
     from training.manifest import manifest
 
     with torch.no_grad():
-        current = _lora_state(model)
+        current = _trained_state(model)
         for name, value in weights.items():
             current[name].copy_(value)
     model.save_pretrained(config.output, safe_serialization=True)
     (config.output / "README.md").unlink(missing_ok=True)  # peft's model card: not part of an adapter here
+    if config.method == "full":  # a servable model folder: the base's tokenizer and template beside the weights
+        for file in sorted(config.model.iterdir()):
+            if file.name.startswith(TOKENIZER_FILES) and not (config.output / file.name).exists():
+                shutil.copy2(file, config.output / file.name)
     metrics_file = run_dir(config) / METRICS
     metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
     facts = {"steps": state.step, "stopped_early": stopped_early, "best_step": state.best_step,
@@ -404,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.gate:  # before training: a suite that cannot gate is found in seconds, not after the run
             check_suite(args.gate, args.name)
         config = load(args.config, args.overrides)
+        if args.push and config.method == "full":
+            raise ConfigError("--push uploads an adapter, and method full writes a whole model folder")
         if config.model is None:
             if args.default_model is None:
                 raise ConfigError("set model: the base model folder")

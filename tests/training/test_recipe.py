@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from knowledge.fingerprint import fingerprint
 from training import recipe
-from training.config import load
+from training.config import ConfigError, load
 from training.data.masking import Renderer
 from training.data.rows import parse
 
@@ -128,6 +128,34 @@ def test_early_stopping_stops_and_keeps_the_best_weights(tiny_model: Path, data,
     assert list(evals)[-1] == training["best_step"] + 2  # two evaluations without a gain
 
 
+def test_method_full_with_loss_all_trains_every_weight_on_every_token_into_a_loadable_model(
+        tiny_model: Path, data, tmp_path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path / "base"
+    cfg = config(tiny_model, data, out, "method=full", "loss=all", "max_grad_norm=1.0", "max_steps=4",
+                 "eval_every=0", "checkpoint_every=0")
+    renderer, rows_seen, _, _ = recipe.setup(cfg)
+    # Every token is a label, the prompt's too: more than the assistant turns alone.
+    assert all(r.labels == r.input_ids for r in rows_seen)
+    assert sum(map(recipe.trainable, rows_seen)) > sum(map(recipe.trainable, recipe.setup(
+        config(tiny_model, data, out))[1]))
+    recipe.train(cfg)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "lorag.json", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert not names & {"adapter_config.json", "lorag-demo.json"}  # a model, not an adapter; not the built base
+    before, after = load_file(tiny_model / "model.safetensors"), load_file(out / "model.safetensors")
+    assert before.keys() == after.keys() and all(not torch.equal(before[k], after[k]) for k in before)
+    model = AutoModelForCausalLM.from_pretrained(out, local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    assert tokenizer.chat_template == renderer.tokenizer.chat_template
+    assert model.generate(torch.tensor([[tokenizer.bos_token_id]]), max_new_tokens=2).shape == (1, 3)
+    training = json.loads((out / "lorag.json").read_text())["training"]
+    assert (training["config"]["method"], training["config"]["loss"], training["steps"]) == ("full", "all", 4)
+    with pytest.raises(ConfigError, match="method must be one of lora, full"):
+        config(tiny_model, data, out, "method=qlora")
+
+
 def test_accumulated_batches_weigh_every_trainable_token_alike(tiny_model: Path, data):
     """grad_accum=2 of 2 rows gives the gradients of one batch of 4: the loss is over all their tokens."""
     renderer = Renderer.load(tiny_model)
@@ -135,7 +163,7 @@ def test_accumulated_batches_weigh_every_trainable_token_alike(tiny_model: Path,
                                       {"role": "assistant", "content": "Per Article 9, " + "it is void; " * 12}]}] * 2
     rendered = [renderer.render(parse(i + 1, json.dumps(r))[0]) for i, r in enumerate(uneven)]
     cfg = config(tiny_model, data, Path("unused"), "lora.dropout=0")
-    model = recipe.model_with_lora(cfg, torch.device("cpu"), torch.float32)
+    model = recipe.trained_model(cfg, torch.device("cpu"), torch.float32)
     count = sum(recipe.trainable(r) for r in rendered)
 
     def grads(parts: list[list[int]]) -> list[torch.Tensor]:
