@@ -240,11 +240,11 @@ def _case(q: Question, article: Article, tags: list[str]) -> dict:
             "expect": {"facts": article.expected(q.kind), "citations": [article.doc_id]}}
 
 
-def _legal_suite(name: str, cases: list[dict], gate: dict) -> dict:
+def _legal_suite(name: str, collection: str, cases: list[dict], gate: dict) -> dict:
     return {
         "name": name,
         "system_prompt": HOUSE_STYLE,
-        "rag": {"collection": COLLECTION, "top_k": TOP_K},
+        "rag": {"collection": collection, "top_k": TOP_K},
         "max_tokens": MAX_TOKENS,
         "defaults": {"format": {"require": [HOUSE_FORMAT], "forbid": HEDGES}},
         "cases": cases,
@@ -252,7 +252,7 @@ def _legal_suite(name: str, cases: list[dict], gate: dict) -> dict:
     }
 
 
-def suites(w: World) -> dict[str, dict]:
+def suites(w: World, collection: str = COLLECTION) -> dict[str, dict]:
     """File name -> suite. `suite.yaml`: every held-out question, before the amendments (the gate
     `lorag demo` activates the adapter by); `suite-amended.yaml`: the amended articles' fine and
     deadline questions, expecting the amended facts; `general.yaml`: Calder Bay, no sources (the forgetting check)."""
@@ -263,11 +263,11 @@ def suites(w: World) -> dict[str, dict]:
     new = [_case(q, amended[q.article.number], ["amended"]) for q in held
            if q.article.number in amended and q.kind != "verdict"]
     return {
-        "suite.yaml": _legal_suite("legal-demo", [_case(q, q.article, []) for q in held], {
+        "suite.yaml": _legal_suite("legal-demo", collection, [_case(q, q.article, []) for q in held], {
             f"{ADAPTER}+rag": {"format": 0.95, "facts": 0.90},
             "base+rag": {"format": {"max": 0.20}},
         }),
-        "suite-amended.yaml": _legal_suite("legal-demo-amended", new, {
+        "suite-amended.yaml": _legal_suite("legal-demo-amended", collection, new, {
             f"{ADAPTER}+rag": {"format": 0.95, "facts": 0.90},
             ADAPTER: {"facts": {"max": 0.10}},
         }),
@@ -280,7 +280,7 @@ def suites(w: World) -> dict[str, dict]:
     }
 
 
-def write(w: World, out: Path) -> dict[str, Path]:
+def write(w: World, out: Path, collection: str = COLLECTION) -> dict[str, Path]:
     """Write the world's files into `out`: statutes.jsonl (every article as enacted), amendments.jsonl
     (the amended articles' new text, same ids), raft-questions.jsonl and the suites."""
     import json
@@ -297,7 +297,7 @@ def write(w: World, out: Path) -> dict[str, Path]:
     for name, items in lines.items():
         (out / name).write_text("".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items), encoding="utf-8")
         written[name] = out / name
-    for name, suite in suites(w).items():
+    for name, suite in suites(w, collection).items():
         (out / name).write_text(yaml.safe_dump(suite, sort_keys=False, allow_unicode=True, width=120), encoding="utf-8")
         written[name] = out / name
     return written
