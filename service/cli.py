@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, help="listen port (LORAG_PORT)")
 
     demo = commands.add_parser("demo", help="build the offline demo world", add_help=False)
-    demo.add_argument("args", nargs=argparse.REMAINDER, help="build-base [--variant tiny] [--seed N] [--force], world --out DIR [--seed N], "
-                      "story --url URL --world DIR --out DIR")
+    demo.add_argument("args", nargs=argparse.REMAINDER, help="build-base [--variant tiny] [--seed N] [--force], "
+                      "world --out DIR [--seed N], story --url URL --world DIR --out DIR")
 
     train = commands.add_parser("train", help="train a LoRA adapter from a recipe config", add_help=False)
     train.add_argument("args", nargs=argparse.REMAINDER, help="CONFIG.yaml [key=value ...] [--resume]")
