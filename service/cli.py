@@ -401,24 +401,33 @@ def _activation(report: dict) -> str:
 
 def _demo(settings: Settings, args: list[str]) -> int:
     """Run the training package's demo builder in its own process (service never imports training)."""
-    if args[:1] == ["build-base"] and "--out" not in args:
-        args = [*args, "--out", str(settings.model_path)]
+    defaults: dict[str, object] = {}
+    if args[:1] == ["build-base"]:
+        defaults["--out"] = settings.model_path
+    if args[:1] == ["run"]:  # where this service keeps its data and model, and where it will listen
+        defaults |= {"--home": settings.home, "--model": settings.model_path,
+                     "--url": f"http://{settings.host}:{settings.port}"}
+    args = _with_defaults(args, defaults)
     return subprocess.call([sys.executable, "-m", "training.demo", *args])
 
 
 def _data(settings: Settings, args: list[str]) -> int:
     """The training package's data doctor in its own process; the model defaults to the served one."""
-    def given(flag: str) -> bool:  # as `--flag value` or `--flag=value`
-        return any(arg == flag or arg.startswith(flag + "=") for arg in args)
-
     defaults: dict[str, object] = {}
     if args[:1] in (["check"], ["raft"]):
         defaults["--model"] = settings.model_path
     if args[:1] == ["raft"]:  # place sources exactly as this service's chat does
         defaults |= {"--top-k": settings.rag_top_k, "--mode": settings.rag_mode, "--max-tokens": settings.max_tokens,
                      "--context-tokens": settings.engine_max_model_len, "--system-template": settings.rag_system_template}
-    args = [*args, *(item for flag, value in defaults.items() if not given(flag) for item in (flag, str(value)))]
-    return subprocess.call([sys.executable, "-m", "training.data", *args])
+    return subprocess.call([sys.executable, "-m", "training.data", *_with_defaults(args, defaults)])
+
+
+def _with_defaults(args: list[str], defaults: dict[str, object]) -> list[str]:
+    """`args` plus each default flag it does not give (as `--flag value` or `--flag=value`)."""
+    def given(flag: str) -> bool:
+        return any(arg == flag or arg.startswith(flag + "=") for arg in args)
+
+    return [*args, *(item for flag, value in defaults.items() if not given(flag) for item in (flag, str(value)))]
 
 
 def _train(settings: Settings, args: list[str]) -> int:

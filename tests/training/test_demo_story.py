@@ -8,6 +8,7 @@ the knowledge base as new versions between the runs, and that the report says wh
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -65,3 +66,31 @@ def test_the_story_runs_every_suite_in_every_cell_and_pushes_the_amendments_betw
     finally:
         httpx.delete(adapters, timeout=60)
         httpx.delete(f"{gateway.url}/v1/collections/{COLLECTION}", timeout=60)
+
+
+def test_demo_run_pushes_the_statutes_trains_the_adapter_on_raft_rows_and_gates_it(gateway, tiny_model, tmp_path):
+    home, collection = tmp_path / "home", "run-statutes"
+    env = {**os.environ, "LORAG_HOME": str(home), "LORAG_MODEL": str(tiny_model)}
+    command = [sys.executable, "-m", "service.cli", "demo", "run", "--attach", "--url", gateway.url, "--seed", "5",
+               "--articles", "16", "--held-out", "4", "--collection", collection, "epochs=1", "learning_rate=0.02"]
+    try:
+        run = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+        # The tiny model's noise fails the house-style gate: the adapter stays inactive, and it says so.
+        assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-3000:]
+        said = [line.split(":")[1].strip() for line in run.stdout.splitlines() if line.startswith("lorag demo:")]
+        assert said[:4] == ["world 5 written to " + str(home / "demo" / "world-5"), "statutes", "raft", "adapter"]
+        assert "did not pass its gate" in run.stdout and "failed the gate" in run.stderr
+        work = home / "demo" / "world-5"
+        rows = [json.loads(line) for line in (work / "raft-rows.jsonl").read_text().splitlines()]
+        assert len(rows) == 12 * 3 * 2  # every train article's questions, in two wordings
+        assert all(r["provenance"]["collection"] == collection for r in rows)
+        assert len((work / "train.jsonl").read_text().splitlines()) == len(rows) + len(general(5))
+        legal = httpx.get(f"{gateway.url}/v1/adapters/{ADAPTER}").json()
+        assert legal["active"] is None
+        [version] = legal["versions"]
+        assert [(e["suite"], e["passed"]) for e in version["evals"]] == [("legal-demo", False)]
+        documents = httpx.get(f"{gateway.url}/v1/collections/{collection}").json()
+        assert documents["documents"] == 16, documents
+    finally:
+        httpx.delete(f"{gateway.url}/v1/adapters/{ADAPTER}", timeout=60)
+        httpx.delete(f"{gateway.url}/v1/collections/{collection}", timeout=60)

@@ -3,6 +3,7 @@
     python -m training.demo build-base --out DIR [--variant tiny] [--seed N] [--force]
     python -m training.demo world --out DIR [--seed N] [--collection statutes]
     python -m training.demo story --url URL --world DIR --out DIR [--api-key KEY]
+    python -m training.demo run --home DIR --model DIR --url URL [--seed N] [--retrain] [key=value ...]
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 from training.demo.base import VARIANTS, BuildError, build_base
+from training.demo.run import DemoFailed, add_arguments, run
 from training.demo.world import COLLECTION, world, write
 
 
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     told.add_argument("--world", type=Path, required=True, help="the folder `world` wrote")
     told.add_argument("--out", type=Path, required=True, help="where story.json, story.md and the charts go")
     told.add_argument("--api-key", default=os.environ.get("LORAG_API_KEY"), help="(LORAG_API_KEY)")
+    add_arguments(commands.add_parser("run", help="build what is missing of the legal demo, then keep serving"))
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -44,6 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "story":
         return _story(parser, args)
+    if args.command == "run":
+        try:
+            return run(args)
+        except DemoFailed as exc:
+            parser.exit(1, f"lorag demo: {exc}\n")
     try:
         build_base(args.out, args.variant, args.seed, args.force)
     except BuildError as exc:
