@@ -71,7 +71,12 @@ FAMILIES = {
         prefix="/v1/adapters",
         owned={"name": "legal", "version": "<A's version>"},  # the version is made by the fixture
         missing={"name": "nothing-here", "version": "<A's version>"},
-        requests={("POST", "/v1/adapters/{name}/activate"): {"json": {"version": "<A's version>"}}},
+        requests={
+            ("POST", "/v1/adapters/{name}/activate"): {"json": {"version": "<A's version>"}},
+            # Valid bodies naming B's own collection: only the adapter's tenant can refuse them.
+            ("PUT", "/v1/adapters/{name}/rag"): {"json": {"collection": "b-docs"}},
+            ("PUT", "/v1/adapters/{name}/versions/{version}/eval"): {"json": {"suite": "B's verdict", "passed": True}},
+        },
         # Uploading to a name creates the caller's own adapter of that name (a test below).
         unnamed=frozenset({("GET", "/v1/adapters"), ("POST", "/v1/adapters/{name}/versions")}),
     ),

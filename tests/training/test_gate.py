@@ -121,3 +121,15 @@ def test_train_push_with_a_failing_gate_leaves_the_version_inactive_with_its_ver
     assert after["active"] is None
     [version] = after["versions"]
     assert [(e["suite"], e["passed"]) for e in version["evals"]] == [("gated-suite", False)]
+
+
+def test_the_gate_runs_each_cell_it_names_or_compares_with_once(tmp_path):
+    from training.eval.chat import SuiteError, load_gate
+    from training.eval.gate import gate_cells
+
+    gate = load_gate(suite(tmp_path, {NAME: {"facts": {"within": 0.05, "of": "base"},
+                                             "format": {"within": 0.1, "of": "base"}},
+                                      "base+rag": {"facts": {"within": 0.0, "of": f"{NAME}+rag"}}}))
+    assert gate_cells(gate, NAME) == [NAME, "base+rag", "base", f"{NAME}+rag"]
+    with pytest.raises(SuiteError, match="names no cell of adapter 'other'"):
+        gate_cells(gate, "other")

@@ -34,8 +34,8 @@ class Verdict:
 def gate_cells(gate: dict[str, Any], name: str) -> list[str]:
     """The cells a gate needs run: those it names and those its `of`s compare with; SuiteError if none is
     the adapter's (a gate that never asks the new version would pass it unseen)."""
-    cells = list(gate)
-    cells += [t.of for checks in gate.values() for t in checks.values() if t.of is not None and t.of not in cells]
+    compared = [t.of for checks in gate.values() for t in checks.values() if t.of is not None]
+    cells = list(dict.fromkeys([*gate, *compared]))
     if not any(parse_cell(cell).model == name for cell in cells):
         raise SuiteError(f"the gate names no cell of adapter {name!r} (cells: {', '.join(cells)}); "
                          f"add thresholds for {name} or {name}+rag")
