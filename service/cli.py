@@ -209,7 +209,8 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _eval_chat(args: argparse.Namespace) -> int:
-    from training.eval.chat import CellError, ChatFailed, SuiteError, chart, check_gate, evaluate, load_gate, load_suite
+    from training.eval.chat import ChatFailed, chart, evaluate
+    from training.eval.suite import CellError, SuiteError, check_gate, load_gate, load_suite
 
     for out in (args.json, args.chart):  # before the run: finding out after minutes of generation is too late
         if out is not None and not out.parent.is_dir():
@@ -355,8 +356,8 @@ def _adapters(args: argparse.Namespace) -> int:
     gate = getattr(args, "gate", None)
     try:
         if gate is not None:
-            from training.eval.chat import SuiteError
             from training.eval.gate import check_suite, run_gate
+            from training.eval.suite import SuiteError
 
             try:
                 check_suite(gate, args.name)  # before the upload: a bad suite leaves nothing behind

@@ -41,8 +41,8 @@ from training.config import ConfigError, TrainConfig, load
 from training.data.doctor import check, text
 from training.data.masking import IGNORE, Rendered, Renderer
 from training.data.rows import read
-from training.eval.chat import SuiteError
 from training.eval.gate import check_suite, run_gate
+from training.eval.suite import SuiteError
 
 log = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"

@@ -56,10 +56,6 @@ class AdaptersClient:
         body = {"version": version, **({"rag": rag} if rag is not None else {})}
         return self._body(self._http.post(f"/v1/adapters/{name}/activate", json=body))
 
-    def store_eval(self, name: str, version: str, result: dict) -> dict:
-        """Store an eval result ({"suite", "passed", "failures", "report"}) with a version."""
-        return self._body(self._http.put(f"/v1/adapters/{name}/versions/{version}/eval", json=result))
-
     def rollback(self, name: str) -> dict:
         return self._body(self._http.post(f"/v1/adapters/{name}/rollback"))
 

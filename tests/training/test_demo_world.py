@@ -9,7 +9,8 @@ import re
 import pytest
 
 from training.demo.world import HEDGES, HOUSE_FORMAT, KINDS, general, suites, world, write
-from training.eval.chat import format_passes, load_suite
+from training.eval.chat import format_passes
+from training.eval.suite import load_suite
 
 
 def test_a_seed_names_one_world_and_another_seed_another():

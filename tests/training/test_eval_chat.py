@@ -21,8 +21,10 @@ from tests.conftest import MODEL_NAME
 from tests.service.test_auth import lorag
 from service.cli import main
 from training.eval.chat import (
-    Answer, Case, CellError, ChatFailed, Expect, Format, Report, SuiteError, chart, check_gate, citations_pass,
-    evaluate, facts_pass, format_passes, load_gate, load_suite, parse_cell, parse_cells, request_body, stats, wilson,
+    Answer, ChatFailed, Report, chart, citations_pass, evaluate, facts_pass, format_passes, request_body, stats, wilson,
+)
+from training.eval.suite import (
+    Case, CellError, Expect, Format, SuiteError, check_gate, load_gate, load_suite, parse_cell, parse_cells,
 )
 
 NEVER = "ZQXJ never said 9137"  # in no 8-token answer of the tiny model

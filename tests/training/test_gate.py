@@ -124,7 +124,7 @@ def test_train_push_with_a_failing_gate_leaves_the_version_inactive_with_its_ver
 
 
 def test_the_gate_runs_each_cell_it_names_or_compares_with_once(tmp_path):
-    from training.eval.chat import SuiteError, load_gate
+    from training.eval.suite import SuiteError, load_gate
     from training.eval.gate import gate_cells
 
     gate = load_gate(suite(tmp_path, {NAME: {"facts": {"within": 0.05, "of": "base"},

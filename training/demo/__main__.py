@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _story(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from training.demo.story import StoryFailed, story
-    from training.eval.chat import ChatFailed, SuiteError
+    from training.eval.chat import ChatFailed
+    from training.eval.suite import SuiteError
 
     try:
         result = story(args.url, args.world, args.out, api_key=args.api_key)

@@ -21,7 +21,8 @@ from typing import Any
 import httpx
 
 from training.demo.world import ADAPTER, COLLECTION
-from training.eval.chat import Report, chart, evaluate, load_gate, load_suite
+from training.eval.chat import Report, chart, evaluate
+from training.eval.suite import load_gate, load_suite
 
 CELLS = ("base", "base+prompt", "base+rag", ADAPTER, f"{ADAPTER}+rag")
 

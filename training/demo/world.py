@@ -15,10 +15,13 @@ learns by heart, asked with no sources, to measure what an adapter makes it forg
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+import yaml
 
 CODE = "Civil Code"
 # (contract, who relies on a clause and pays the fine, who may object to it)
@@ -283,10 +286,6 @@ def suites(w: World, collection: str = COLLECTION) -> dict[str, dict]:
 def write(w: World, out: Path, collection: str = COLLECTION) -> dict[str, Path]:
     """Write the world's files into `out`: statutes.jsonl (every article as enacted), amendments.jsonl
     (the amended articles' new text, same ids), raft-questions.jsonl and the suites."""
-    import json
-
-    import yaml
-
     out.mkdir(parents=True, exist_ok=True)
     lines = {
         "statutes.jsonl": statutes(w.train, "train") + statutes(w.held_out, "held_out"),

@@ -17,9 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from training.eval.chat import (
-    ChatClient, ChatFailed, Report, SuiteError, check_gate, evaluate, load_gate, load_suite, parse_cell,
-)
+from training.eval.chat import ChatClient, ChatFailed, Report, evaluate
+from training.eval.suite import SuiteError, check_gate, load_gate, load_suite, parse_cell
 
 
 @dataclass(frozen=True)
