@@ -27,6 +27,8 @@ serve: install
 	$(BIN)/lorag serve
 
 test: install
+	@# The tests start a real PostgreSQL server; this installs it where it is missing.
+	.ci/postgres
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 demo: install

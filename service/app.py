@@ -11,6 +11,7 @@ from anyio import to_thread
 from fastapi import FastAPI
 
 from knowledge import KnowledgeBase, KnowledgeSettings
+from knowledge.database import Database
 from service.adapters.inspection import BaseModelInfo
 from service.adapters.registry import Registry
 from service.adapters.router import router as adapters_router
@@ -65,7 +66,7 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
             metrics = Metrics()
             registry = Registry(settings.store_path, settings.adapters_path)
             stack.callback(registry.close)
-            keys = KeyStore(settings.store_path)
+            keys = KeyStore(Database.sqlite(settings.store_path))
             stack.callback(keys.close)
             app.state.guard = Guard(keys, settings.auth_required, settings.metrics_key_required)
             if not settings.auth_required:

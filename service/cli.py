@@ -269,9 +269,11 @@ def _remote_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _keys(settings: Settings, args: argparse.Namespace) -> int:
+    from knowledge.database import Database
     from service.auth.keys import KeyRefused, KeyStore, utc
 
-    store = KeyStore(settings.store_path)  # the service's own: LORAG_HOME, never the working directory
+    # The service's own store: LORAG_HOME, never the working directory.
+    store = KeyStore(Database.sqlite(settings.store_path))
     try:
         if args.keys_command == "create":
             key, token = store.create(args.tenant, [s.strip() for s in args.scopes.split(",") if s.strip()],

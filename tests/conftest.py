@@ -1,8 +1,12 @@
-"""Session-wide real components: the tiny demo model and one lorag gateway with its vLLM engine."""
+"""Session-wide real components: the tiny demo model, one lorag gateway with its vLLM engine, a
+`chroma run` server and a PostgreSQL server."""
 
 from __future__ import annotations
 
+import shutil
 import signal
+import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,6 +14,7 @@ import pytest
 
 from tests.chroma import ChromaServer
 from tests.gateway import Gateway
+from tests.postgres import PostgresServer
 from training.demo.base import build_base
 
 # Small limits so that every limit is cheap to cross in tests.
@@ -58,3 +63,29 @@ def chroma_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    # Outside pytest's temp root, which only this user may enter: the server may run as `postgres`.
+    root = Path(tempfile.mkdtemp(prefix="lorag-postgres-"))
+    server = PostgresServer(root).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database on each backend: a SQLite file, or a new database on the session's server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'lorag.db'}"
+    import psycopg
+
+    server = request.getfixturevalue("postgres_server")
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(server.url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    return server.url.rsplit("/", 1)[0] + f"/{name}"

@@ -1,4 +1,4 @@
-"""API keys: stored hashed in the service's SQLite store, each bound to a tenant and scopes.
+"""API keys: stored hashed in the service's SQL store (knowledge.database), each bound to a tenant and scopes.
 
 A key is `lorag_<id>_<secret>`: the id finds the row, the secret (32 random bytes) is checked
 against its sha256. A slow hash buys nothing for secrets this long, and a lookup costs
@@ -12,31 +12,33 @@ import hmac
 import json
 import re
 import secrets
-import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
+
+from knowledge.database import Database
 
 # "metrics" is the operator's: it reads every tenant's series on /metrics, whichever tenant the key is for.
 SCOPES = ("chat", "knowledge:read", "knowledge:write", "adapters:admin", "metrics")
 TENANT = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
 _KEY = re.compile(r"lorag_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS api_keys (
-    id TEXT PRIMARY KEY,
-    tenant TEXT NOT NULL,
-    scopes TEXT NOT NULL,
-    secret_sha256 TEXT NOT NULL,
-    created REAL NOT NULL,
-    revoked REAL
-);
-"""
-# Columns added after the table first shipped: an older database gets them when it is opened.
-# NULL: the setting applies (see service/chat/fair_share.py).
-# expires: unix time from which the key is refused; NULL: never.
-_ADDED_COLUMNS = {"max_inflight": "INTEGER", "tokens_per_minute": "INTEGER", "expires": "REAL"}
+
+
+def _limits_and_expiry(db: Database) -> None:
+    # Added after the table first shipped: a database that already has them keeps them.
+    # NULL limits: the settings apply (see service/chat/fair_share.py). expires: unix time from
+    # which the key is refused; NULL: never.
+    for column, kind in (("max_inflight", "INTEGER"), ("tokens_per_minute", "INTEGER"), ("expires", "DOUBLE PRECISION")):
+        db.add_column("api_keys", column, kind)
+
+
+# Migration steps (knowledge.database), only ever appended to.
+MIGRATIONS = (
+    "CREATE TABLE IF NOT EXISTS api_keys (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, scopes TEXT NOT NULL, "
+    "secret_sha256 TEXT NOT NULL, created DOUBLE PRECISION NOT NULL, revoked DOUBLE PRECISION)",
+    _limits_and_expiry,
+)
 
 
 class KeyRefused(ValueError):
@@ -66,22 +68,10 @@ def utc(timestamp: float) -> str:
 
 
 class KeyStore:
-    def __init__(self, db_path: Path):
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(_SCHEMA)
-        self._add_columns()
-
-    def _add_columns(self) -> None:
-        have = {row[1] for row in self._db.execute("PRAGMA table_info(api_keys)")}
-        for column, kind in _ADDED_COLUMNS.items():
-            if column not in have:
-                try:
-                    self._db.execute(f"ALTER TABLE api_keys ADD COLUMN {column} {kind}")
-                except sqlite3.OperationalError as exc:  # another process (the CLI, the server) added it first
-                    if "duplicate column" not in str(exc):
-                        raise
+    def __init__(self, database: Database):
+        """Keys in `database`, which the store owns (closes) from here on."""
+        self._db = database
+        database.migrate("api_keys", MIGRATIONS)
 
     def close(self) -> None:
         self._db.close()

@@ -18,6 +18,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from fastapi.testclient import TestClient
 
 import service
+from knowledge.database import Database
 from service import Settings, create_app
 from service.auth.guard import Guard
 from service.auth.keys import SCOPES, KeyStore
@@ -59,7 +60,7 @@ def calls(client: TestClient) -> list[tuple[str, str]]:
 
 def test_every_api_route_needs_a_valid_key_with_its_scope(app_and_home):
     client, home = app_and_home
-    store = KeyStore(home / "lorag.db")
+    store = KeyStore(Database.sqlite(home / "lorag.db"))
     revoked_key, revoked = store.create("acme", list(SCOPES))
     store.revoke(revoked_key.id)
     routes = calls(client)
@@ -90,7 +91,7 @@ def test_health_stays_open_and_metrics_take_the_operators_scope(app_and_home):
     client, home = app_and_home
     assert client.get("/healthz").status_code == 200
     assert client.get("/readyz").status_code == 503  # no engine here, but no key is asked for
-    store = KeyStore(home / "lorag.db")
+    store = KeyStore(Database.sqlite(home / "lorag.db"))
     _, operator = store.create("ops", ["metrics"])
     store.close()
     scraped = client.get("/metrics", headers={"Authorization": f"Bearer {operator}"})  # as Prometheus scrapes
@@ -103,7 +104,7 @@ def test_metrics_auth_setting_decides_whether_metrics_need_a_key(tmp_path):
              ("open", "0.0.0.0"): False}
     for (mode, host), wanted in cases.items():
         assert Settings(metrics_auth=mode, host=host).metrics_key_required is wanted, (mode, host)
-    store = KeyStore(tmp_path / "lorag.db")
+    store = KeyStore(Database.sqlite(tmp_path / "lorag.db"))
     _, token = store.create("ops", ["metrics"])
     operator = HTTPAuthorizationCredentials(scheme="Bearer", credentials=token)
     keyed_metrics_only = Guard(store, required=False, metrics_required=True)
@@ -170,7 +171,7 @@ def test_a_key_past_its_expiry_is_refused_with_when_it_expired(app_and_home):
     fresh = client.get("/v1/collections", headers={"Authorization": f"Bearer {token}"})
     assert fresh.status_code == 200, fresh.text
     # A key whose moment has come (no test waits twelve hours): the store takes any expiry.
-    store = KeyStore(home / "lorag.db")
+    store = KeyStore(Database.sqlite(home / "lorag.db"))
     _, lapsed = store.create("acme", ["knowledge:read"], expires=time.time() - 60)
     store.close()
     refused = client.get("/v1/collections", headers={"Authorization": f"Bearer {lapsed}"})
@@ -194,7 +195,7 @@ def test_a_key_store_from_before_expiry_opens_and_its_keys_still_work(tmp_path):
     )
     old.commit()
     old.close()
-    store = KeyStore(tmp_path / "lorag.db")
+    store = KeyStore(Database.sqlite(tmp_path / "lorag.db"))
     key = store.verify("lorag_0123456789abcdef_" + "x" * 43)
     assert key is not None and key.tenant == "acme" and key.expires is None and not key.expired
     store.close()

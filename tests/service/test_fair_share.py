@@ -18,6 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from knowledge.database import Database
 from service.auth.keys import ApiKey, KeyRefused, KeyStore
 from service.chat.fair_share import FairShare
 from service.errors import TenantLimited
@@ -42,7 +43,7 @@ LONG = {**ASK, "max_tokens": 500, "ignore_eos": True, "stream": True}
 def fair_gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """(gateway, tenant → token)."""
     home = tmp_path_factory.mktemp("fair-share-home")
-    store = KeyStore(home / "lorag.db")
+    store = KeyStore(Database.sqlite(home / "lorag.db"))
     tokens = {t: store.create(t, ["chat"], tokens_per_minute=0)[1] for t in ("tenant-a", "tenant-b")}
     tokens |= {t: store.create(t, ["chat"])[1] for t in ("tenant-c", "tenant-d")}
     store.close()
@@ -225,12 +226,12 @@ def test_keys_from_before_fair_share_still_work_and_new_keys_carry_limits(tmp_pa
                 (hashlib.sha256(secret.encode()).hexdigest(),))
     old.commit()
     old.close()
-    store = KeyStore(db)
+    store = KeyStore(Database.sqlite(db))
     old_key = ApiKey("0123456789abcdef", "acme", ("chat",), 1.0)  # no limits of its own: the settings'
     assert store.verify(f"lorag_0123456789abcdef_{secret}") == old_key
     new_key, new_token = store.create("acme", ["chat"], max_inflight=3, tokens_per_minute=0)
     store.close()
-    store = KeyStore(db)  # opening again adds nothing twice
+    store = KeyStore(Database.sqlite(db))  # opening again adds nothing twice
     assert store.verify(new_token) == new_key and (new_key.max_inflight, new_key.tokens_per_minute) == (3, 0)
     assert store.keys() == [old_key, new_key]
     with pytest.raises(KeyRefused, match="max_inflight must be 0"):

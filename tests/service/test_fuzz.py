@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
+from knowledge.database import Database
 from service.auth.keys import SCOPES, KeyStore
 from tests.adapters import make_adapter, pack
 from tests.envelope import envelope_error
@@ -64,7 +65,7 @@ PDF_LIKE = st.binary(max_size=200).map(lambda tail: b"%PDF-1.4\n" + tail)
 def fuzz_gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """A gateway with auth on, one all-scope key, a collection with a document and an active adapter."""
     home = tmp_path_factory.mktemp("fuzz-home")
-    store = KeyStore(home / "lorag.db")
+    store = KeyStore(Database.sqlite(home / "lorag.db"))
     _, token = store.create("fuzz", list(SCOPES))
     store.close()
     # A small output cap: chat cases run the real model, and short answers keep the fuzz fast.

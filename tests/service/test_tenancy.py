@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from knowledge.database import Database
 from service.auth.keys import SCOPES, KeyStore
 from tests.adapters import make_adapter, pack
 from tests.conftest import LIMITS, MODEL_NAME
@@ -88,7 +89,7 @@ def tenancy_gateway(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
     """A gateway with auth on, a key with every tenant scope for each of two tenants and the
     operator's metrics key; A's resources made: (gateway, tokens, A's adapter version)."""
     home = tmp_path_factory.mktemp("tenancy-home")
-    store = KeyStore(home / "lorag.db")
+    store = KeyStore(Database.sqlite(home / "lorag.db"))
     tokens = {tenant: store.create(tenant, TENANT_SCOPES)[1] for tenant in ("tenant-a", "tenant-b")}
     tokens["operator"] = store.create("ops", ["metrics"])[1]
     store.close()
