@@ -64,7 +64,7 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
                                   headers=engine_auth)
             )
             metrics = Metrics()
-            registry = Registry(settings.store_path, settings.adapters_path)
+            registry = Registry(Database.sqlite(settings.store_path), settings.adapters_path)
             stack.callback(registry.close)
             keys = KeyStore(Database.sqlite(settings.store_path))
             stack.callback(keys.close)

@@ -1,14 +1,14 @@
 """The adapter registry: names, content-hashed versions, the active version and its history.
 
 This is the desired state that every engine is brought to. It lives in the service's
-SQLite store and is mirrored in memory, so that resolving a request's `model` reads no
+SQL store (knowledge.database) and is mirrored in memory, so that resolving a request's `model` reads no
 disk. A version's files never change: a version *is* its content (the first 12 hex
 digits of its files' sha256).
 
 Every adapter belongs to a tenant, and names are the tenant's own: two tenants may each
 have "legal". Inside, an adapter is known by its key, "legal" for the default tenant (as
 before tenancy existed) and "acme/legal" for tenant acme ("/" is in neither a name nor a
-tenant, so keys never collide). The key is what the SQLite rows hold and, with the
+tenant, so keys never collide). The key is what the rows hold and, with the
 version, the name the engines serve it under. Files live under the tenant's area:
 `<root>/<name>/<version>/` for the default tenant, `<root>/@<tenant>/<name>/<version>/`
 for the others ("@" starts no name).
@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import sqlite3
 import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -28,6 +27,7 @@ from typing import Any
 
 from anyio import to_thread
 
+from knowledge.database import Database
 from knowledge.documents import DEFAULT_TENANT
 from service.adapters.inspection import AdapterFacts
 from service.errors import AdapterConflict, AdapterNotFound, InvalidRequest
@@ -36,40 +36,24 @@ NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # fullmatch: "$" would let a tr
 VERSION_CHARS = 12
 STAGING = ".staging"  # uploads being checked; starts no name, so it is no tenant's
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS adapters (
-    name TEXT PRIMARY KEY,
-    active TEXT,
-    created REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS adapter_versions (
-    name TEXT NOT NULL REFERENCES adapters(name) ON DELETE CASCADE,
-    version TEXT NOT NULL,
-    facts TEXT NOT NULL,
-    created REAL NOT NULL,
-    PRIMARY KEY (name, version)
-);
-CREATE TABLE IF NOT EXISTS adapter_activations (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    name TEXT NOT NULL,
-    version TEXT NOT NULL,
-    at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS adapter_evals (
-    name TEXT NOT NULL,
-    version TEXT NOT NULL,
-    suite TEXT NOT NULL,
-    result TEXT NOT NULL,  -- JSON: {"passed", "failures", "report"}
-    stored REAL NOT NULL,
-    PRIMARY KEY (name, version, suite),
-    FOREIGN KEY (name, version) REFERENCES adapter_versions(name, version) ON DELETE CASCADE
-);
-CREATE TABLE IF NOT EXISTS adapter_retrieval (
-    name TEXT PRIMARY KEY REFERENCES adapters(name) ON DELETE CASCADE,
-    rag TEXT NOT NULL,  -- JSON: {"collection", "top_k"?, "mode"?}
-    updated REAL NOT NULL
-);
-"""
+# Migration steps (knowledge.database), only ever appended to. Times: unix seconds.
+MIGRATIONS = ((
+    "CREATE TABLE IF NOT EXISTS adapters (name TEXT PRIMARY KEY, active TEXT, created DOUBLE PRECISION NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS adapter_versions ("
+    " name TEXT NOT NULL REFERENCES adapters(name) ON DELETE CASCADE, version TEXT NOT NULL, facts TEXT NOT NULL,"
+    " created DOUBLE PRECISION NOT NULL, PRIMARY KEY (name, version))",
+    "CREATE TABLE IF NOT EXISTS adapter_activations ("
+    " seq {serial}, name TEXT NOT NULL, version TEXT NOT NULL, at DOUBLE PRECISION NOT NULL)",
+    # result: JSON {"passed", "failures", "report"}
+    "CREATE TABLE IF NOT EXISTS adapter_evals ("
+    " name TEXT NOT NULL, version TEXT NOT NULL, suite TEXT NOT NULL, result TEXT NOT NULL,"
+    " stored DOUBLE PRECISION NOT NULL, PRIMARY KEY (name, version, suite),"
+    " FOREIGN KEY (name, version) REFERENCES adapter_versions(name, version) ON DELETE CASCADE)",
+    # rag: JSON {"collection", "top_k"?, "mode"?}
+    "CREATE TABLE IF NOT EXISTS adapter_retrieval ("
+    " name TEXT PRIMARY KEY REFERENCES adapters(name) ON DELETE CASCADE, rag TEXT NOT NULL,"
+    " updated DOUBLE PRECISION NOT NULL)",
+),)
 
 
 def adapter_key(tenant: str, name: str) -> str:
@@ -155,15 +139,13 @@ def check_name(name: str) -> str:
 
 
 class Registry:
-    def __init__(self, db_path: Path, root: Path):
+    def __init__(self, database: Database, root: Path):
+        """The registry in `database` (which it owns and closes), its files under `root`."""
         self.root = root
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(root / STAGING, ignore_errors=True)  # uploads cut short by a crash
-        db_path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(db_path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
+        self._db = database
+        database.migrate("adapters", MIGRATIONS)
         self._adapters = self._load()  # by key
 
     def close(self) -> None:
@@ -244,7 +226,7 @@ class Registry:
             shutil.rmtree(final)
         staged.rename(final)
         self._commit([
-            ("INSERT OR IGNORE INTO adapters (name, created) VALUES (?, ?)", (key, now)),
+            ("INSERT INTO adapters (name, created) VALUES (?, ?) ON CONFLICT (name) DO NOTHING", (key, now)),
             ("INSERT INTO adapter_versions (name, version, facts, created) VALUES (?, ?, ?, ?)",
              (key, version_id, json.dumps(stored), now)),
         ])
@@ -276,8 +258,8 @@ class Registry:
 
     @staticmethod
     def _retrieval_row(key: str, rag: dict[str, Any], now: float) -> tuple[str, tuple]:
-        return ("INSERT OR REPLACE INTO adapter_retrieval (name, rag, updated) VALUES (?, ?, ?)",
-                (key, json.dumps(rag), now))
+        return ("INSERT INTO adapter_retrieval (name, rag, updated) VALUES (?, ?, ?) ON CONFLICT (name) "
+                "DO UPDATE SET rag = excluded.rag, updated = excluded.updated", (key, json.dumps(rag), now))
 
     async def store_eval(
         self, version: Version, suite: str, passed: bool, failures: list[str], report: dict[str, Any]
@@ -286,7 +268,8 @@ class Registry:
         result = EvalResult(suite, passed, failures, report, time.time())
         row = json.dumps({"passed": passed, "failures": failures, "report": report})
         await to_thread.run_sync(self._commit, [(
-            "INSERT OR REPLACE INTO adapter_evals (name, version, suite, result, stored) VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO adapter_evals (name, version, suite, result, stored) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (name, version, suite) DO UPDATE SET result = excluded.result, stored = excluded.stored",
             (adapter_key(version.tenant, version.name), version.version, suite, row, result.stored),
         )])
         version.evals[suite] = result
@@ -325,8 +308,7 @@ class Registry:
 
     def _commit(self, statements: list[tuple[str, tuple]], remove: Path | None = None) -> None:
         """Run `statements` in one transaction, then delete the folder `remove` whose rows they deleted."""
-        with self._db:
-            self._db.execute("BEGIN IMMEDIATE")
+        with self._db.transaction():
             for sql, params in statements:
                 self._db.execute(sql, params)
         if remove is not None:
