@@ -178,6 +178,13 @@ class KeywordIndex:
     def __len__(self) -> int:
         return self._state.chunks
 
+    def footprint(self) -> tuple[int, int]:
+        """(postings, bytes of every segment's arrays): the index's memory, less its term dictionaries."""
+        segments = self._state.segments
+        arrays = [a for s in segments for a in (s.chunk_ids, s.lengths, s.offsets, s.slots, s.freqs, s.alive)
+                  if a is not None]
+        return sum(len(s.slots) for s in segments), sum(a.nbytes for a in arrays)
+
     def add(self, segment: Segment) -> None:
         """Add a segment from `build` (built before the write lock, swapped in after the commit)."""
         if not len(segment.chunk_ids):
