@@ -11,7 +11,7 @@ from collections import Counter
 
 import pytest
 
-from knowledge import DocumentInput, Embedder, KnowledgeBase
+from knowledge import DocumentInput, Embedder, KnowledgeBase, records
 from knowledge.documents import DEFAULT_TENANT
 from knowledge.keywords import B, K1, KeywordIndex, build, query_terms, words
 from knowledge.stemming import stem
@@ -149,7 +149,8 @@ def keyword_hits(kb: KnowledgeBase, query: str, **kwargs) -> list[tuple[str, int
     return [(h.doc_id, h.version, h.index, round(h.score, 6)) for h in hits]
 
 
-def test_rewrites_and_deletes_keep_the_index_in_step_and_reopening_rebuilds_it(make_settings, embedder: Embedder):
+def test_rewrites_and_deletes_keep_the_index_in_step_and_reopening_rebuilds_it(make_settings, embedder: Embedder,
+                                                                              monkeypatch):
     settings = make_settings()
     queries = ["mooring tariff", "ferry timetable knots", "dredging contract months", "ZEBRA"]
     with KnowledgeBase(settings, embedder=embedder) as kb:
@@ -166,6 +167,10 @@ def test_rewrites_and_deletes_keep_the_index_in_step_and_reopening_rebuilds_it(m
         before = {q: keyword_hits(kb, q) for q in queries}
         assert before["ZEBRA"][0][:2] == ("d3", 2)
     with KnowledgeBase(settings, embedder=embedder) as kb:
+        assert {q: keyword_hits(kb, q) for q in queries} == before
+    monkeypatch.setattr(records, "REBUILD_BATCH", 2)  # rebuilt in many segments, merged as writes merge them
+    with KnowledgeBase(settings, embedder=embedder) as kb:
+        assert len(kb.records.keywords(kb.records.collection("default", "docs").id)._state.segments) > 1
         assert {q: keyword_hits(kb, q) for q in queries} == before
 
 
