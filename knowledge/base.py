@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 import numpy as np
 
 from knowledge.chunking import Chunking
+from knowledge.database import Database
 from knowledge.documents import (
     DEFAULT_TENANT,
     CollectionInfo,
@@ -86,7 +87,7 @@ class KnowledgeBase:
                       settings.max_document_chars),
             settings.pdf_workers,
         )
-        self.records = RecordStore(settings.database_path, self.chunking)
+        self.records = RecordStore(Database(settings.database), self.chunking)
         try:
             self.vectors = VectorStore(settings)
             self.versions = Versions(self.records.active_versions())

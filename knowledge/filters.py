@@ -22,6 +22,7 @@ both sides: lorag writes its chunk metadata's integers as floats too.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from knowledge.documents import MAX_METADATA_STRING_CHARS, METADATA_KEY, check_scalar
@@ -68,10 +69,12 @@ class Filter:
     def to_chroma(self) -> dict:
         return _chroma(self.root)
 
-    def to_sql(self, column: str) -> tuple[str, list[object]]:
-        """A boolean SQL expression over the JSON object in `column`, with its parameters."""
+    def to_sql(self, column: str, dialect: str = "sqlite") -> tuple[str, list[object]]:
+        """A boolean SQL expression over the JSON object in `column` (text), with its parameters,
+        for knowledge.database's `dialect`."""
         params: list[object] = []
-        return _sql(self.root, column, params), params
+        json = _POSTGRES if dialect == "postgresql" else _SQLITE
+        return _sql(self.root, column, params, json), params
 
 
 def _kind(value: object) -> str:
@@ -174,31 +177,61 @@ def _chroma(node: Node) -> dict:
     return {node.field: {node.op: value}}
 
 
-def _sql(node: Node, column: str, params: list[object]) -> str:
+@dataclass(frozen=True)
+class _Json:
+    """One dialect's JSON tests: `kind(column)` names a field's JSON type (never NULL, so NOT
+    reads "missing or different", as in Chroma), `text`/`number` read its value; each takes its
+    path as a parameter."""
+
+    path: Callable[[str], str]
+    kind: str
+    text: str
+    number: str
+    names: dict[str, str]  # our type name → the dialect's
+
+
+_SQLITE = _Json(
+    path=lambda field: f'$."{field}"',
+    kind="IFNULL(json_type({column}, ?), '')",
+    text="json_extract({column}, ?)",
+    number="CAST(json_extract({column}, ?) AS REAL)",
+    names={"true": "'true'", "false": "'false'", "text": "'text'", "number": "('integer', 'real')"},
+)
+_POSTGRES = _Json(
+    path=lambda field: field,
+    kind="COALESCE(jsonb_typeof(({column})::jsonb -> ?::text), '')",
+    text="(({column})::jsonb ->> ?::text)",
+    number="(({column})::jsonb ->> ?::text)::double precision",
+    names={"true": "'boolean'", "false": "'boolean'", "text": "'string'", "number": "('number')"},
+)
+
+
+def _sql(node: Node, column: str, params: list[object], json: _Json) -> str:
     if isinstance(node, Junction):
         joiner = " AND " if node.op == "$and" else " OR "
-        return "(" + joiner.join(_sql(part, column, params) for part in node.parts) + ")"
-    path = f'$."{node.field}"'
+        return "(" + joiner.join(_sql(part, column, params, json) for part in node.parts) + ")"
+    path = json.path(node.field)
+    kind, number = json.kind.format(column=column), json.number.format(column=column)
     if node.op in COMPARISONS:
         params.extend([path, path, float(node.value)])
-        return (
-            f"(IFNULL(json_type({column}, ?), '') IN ('integer', 'real')"
-            f" AND CAST(json_extract({column}, ?) AS REAL) {COMPARISONS[node.op]} ?)"
-        )
+        # CASE, not AND: PostgreSQL may cast a text value before it tests the type.
+        return f"(CASE WHEN {kind} IN {json.names['number']} THEN {number} {COMPARISONS[node.op]} ? ELSE 0 = 1 END)"
     values = node.value if isinstance(node.value, list) else [node.value]
-    matches = "(" + " OR ".join(_equals(column, path, value, params) for value in values) + ")"
+    matches = "(" + " OR ".join(_equals(column, path, value, params, json) for value in values) + ")"
     return matches if node.op in ("$eq", "$in") else f"(NOT {matches})"
 
 
-def _equals(column: str, path: str, value: object, params: list[object]) -> str:
-    # json_type is NULL for a missing field; IFNULL keeps every test 0 or 1, so that NOT reads
-    # "missing or different", as in Chroma.
-    kind = f"IFNULL(json_type({column}, ?), '')"
+def _equals(column: str, path: str, value: object, params: list[object], json: _Json) -> str:
+    kind = json.kind.format(column=column)
     if isinstance(value, bool):
+        name = "true" if value else "false"
+        if json is _POSTGRES:  # one JSON type for both: the value tells them apart
+            params.extend([path, path])
+            return f"({kind} = 'boolean' AND {json.text.format(column=column)} = '{name}')"
         params.append(path)
-        return f"({kind} = '{'true' if value else 'false'}')"
+        return f"({kind} = {json.names[name]})"
     if isinstance(value, str):
         params.extend([path, path, value])
-        return f"({kind} = 'text' AND json_extract({column}, ?) = ?)"
+        return f"(CASE WHEN {kind} = {json.names['text']} THEN {json.text.format(column=column)} = ? ELSE 0 = 1 END)"
     params.extend([path, path, float(value)])
-    return f"({kind} IN ('integer', 'real') AND CAST(json_extract({column}, ?) AS REAL) = ?)"
+    return f"(CASE WHEN {kind} IN {json.names['number']} THEN {json.number.format(column=column)} = ? ELSE 0 = 1 END)"

@@ -1,43 +1,43 @@
-"""The SQLite side: collections (each a tenant's), documents (the source of truth for active
-versions), the chunks of active versions, and write intents; plus each collection's in-memory
-keyword index (keywords.py), which follows the chunks table commit by commit.
+"""The SQL side (knowledge.database: SQLite or PostgreSQL): collections (each a tenant's),
+documents (the source of truth for active versions), the chunks of active versions, and write
+intents; plus each collection's in-memory keyword index (keywords.py), which follows the chunks
+table commit by commit.
 
 One writer connection behind a lock (SQLite allows one writer anyway); readers take
-connections from a small pool so that, in WAL mode, searches never wait for a write.
+connections from a small pool so that searches never wait for a write (SQLite in WAL mode).
 """
 
 from __future__ import annotations
 
 import json
 import re
-import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 
 from knowledge.chunking import Chunk, Chunking
+from knowledge.database import COLUMN_TYPES, Database, redacted
 from knowledge.documents import DEFAULT_TENANT, Metadata, canonical_json
 from knowledge.keywords import KeywordIndex, MissingIndex, build
 
 # A name means something only inside its tenant: two tenants may each have "contracts".
 COLLECTIONS = """(
-    id INTEGER PRIMARY KEY AUTOINCREMENT,  -- never reused: names the Chroma collection
+    id {serial},  -- never reused: names the Chroma collection
     tenant TEXT NOT NULL,
     name TEXT NOT NULL,
     chroma_name TEXT NOT NULL,
     metadata TEXT NOT NULL,
-    created_at REAL NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
     chunking TEXT NOT NULL DEFAULT '',  -- chunking.Chunking as JSON
     reindex_of INTEGER,  -- a reindex's shadow: the id of the collection it will replace; NULL: live
     UNIQUE (tenant, name)
 )"""
-SCHEMA = f"""
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS collections {COLLECTIONS};
-CREATE TABLE IF NOT EXISTS documents (
+TABLES = (
+    "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+    f"CREATE TABLE IF NOT EXISTS collections {COLLECTIONS}",
+    """CREATE TABLE IF NOT EXISTS documents (
     collection_id INTEGER NOT NULL REFERENCES collections(id) ON DELETE CASCADE,
     doc_id TEXT NOT NULL,
     version INTEGER NOT NULL,  -- the active version
@@ -45,15 +45,15 @@ CREATE TABLE IF NOT EXISTS documents (
     metadata TEXT NOT NULL,
     text TEXT NOT NULL,
     chunks INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
+    updated_at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (collection_id, doc_id)
-);
--- Chunks of active versions, plus for a moment the previous version's (until no search
--- that may still accept it is running). metadata: the document's, for keyword filters.
--- The keyword index is built from `text` at open.
-CREATE TABLE IF NOT EXISTS chunks (
-    id INTEGER PRIMARY KEY,
+)""",
+    # Chunks of active versions, plus for a moment the previous version's (until no search
+    # that may still accept it is running). metadata: the document's, for keyword filters.
+    # The keyword index is built from `text` at open.
+    """CREATE TABLE IF NOT EXISTS chunks (
+    id {rowid},
     collection_id INTEGER NOT NULL,
     doc_id TEXT NOT NULL,
     version INTEGER NOT NULL,
@@ -63,16 +63,16 @@ CREATE TABLE IF NOT EXISTS chunks (
     text TEXT NOT NULL,
     metadata TEXT NOT NULL,
     UNIQUE (collection_id, doc_id, version, idx)
-);
--- A document write under way: written before its chunks reach Chroma, removed once the
--- old version is gone. Left-over rows after a crash name the only documents to repair.
-CREATE TABLE IF NOT EXISTS intents (
+)""",
+    # A document write under way: written before its chunks reach Chroma, removed once the
+    # old version is gone. Left-over rows after a crash name the only documents to repair.
+    """CREATE TABLE IF NOT EXISTS intents (
     collection_id INTEGER NOT NULL,
     doc_id TEXT NOT NULL,
-    created_at REAL NOT NULL,
+    created_at DOUBLE PRECISION NOT NULL,
     PRIMARY KEY (collection_id, doc_id)
-);
-"""
+)""",
+)
 
 READERS_KEPT = 8
 REBUILD_BATCH = 50_000  # chunk rows per keyword segment built at open
@@ -139,42 +139,72 @@ class Publication:
 
 
 # Stores written before the in-memory keyword index have an FTS5 table per collection that
-# nothing reads or updates any more; opening drops them.
+# nothing reads or updates any more; a migration drops them.
 OLD_FTS_TABLE = re.compile(r"fts_\d+")
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=30)
-    conn.execute("PRAGMA busy_timeout = 30000")
-    return conn
+def _add_tenants(db: Database) -> None:
+    """Give a store made before tenancy its tenant column; its collections become DEFAULT_TENANT's.
+
+    SQLite cannot drop the old UNIQUE (name) in place, so the table is rebuilt the documented
+    way (sqlite.org/lang_altertable.html, "other kinds of schema changes"): new table, copy
+    with the same ids, drop, rename; foreign keys off (migrations run so), in one transaction.
+    A store made since (every PostgreSQL one) has the column already.
+    """
+    if "tenant" in db.columns("collections"):
+        return
+    (seq,) = db.execute("SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'collections'").fetchone()
+    db.execute(f"CREATE TABLE collections_new {COLLECTIONS}".replace("{serial}", COLUMN_TYPES["sqlite"]["{serial}"]))
+    db.execute(
+        "INSERT INTO collections_new (id, tenant, name, chroma_name, metadata, created_at)"
+        " SELECT id, ?, name, chroma_name, metadata, created_at FROM collections",
+        (DEFAULT_TENANT,),
+    )
+    db.execute("DROP TABLE collections")
+    db.execute("ALTER TABLE collections_new RENAME TO collections")
+    # The copy left the id counter at the highest id still there (or none); a deleted
+    # collection's id above it must stay unused, or a new one would take its Chroma name.
+    db.execute("DELETE FROM sqlite_sequence WHERE name = 'collections'")
+    db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('collections', ?)", (seq,))
+    broken = db.execute("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        raise RuntimeError(f"adding tenants to {redacted(db.url)} left rows without their collection: {broken[:5]}")
+
+
+def _add_chunking(db: Database) -> None:
+    db.add_column("collections", "chunking", "TEXT NOT NULL DEFAULT ''")
+    db.add_column("collections", "reindex_of", "INTEGER")
+
+
+def _drop_fts_tables(db: Database) -> None:
+    if db.dialect == "sqlite":
+        for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
+            if OLD_FTS_TABLE.fullmatch(name):
+                db.execute(f"DROP TABLE {name}")
+
+
+# Migration steps (knowledge.database), only ever appended to. Steps 2 to 4 bring stores made
+# before migrations were recorded up to date, and change nothing in a store made since.
+MIGRATIONS = (TABLES, _add_tenants, _add_chunking, _drop_fts_tables)
 
 
 class RecordStore:
-    def __init__(self, path: Path, chunking: Chunking):
-        """`chunking`: what to record for collections made before chunking was recorded (the
-        settings they were most likely written with: the ones in force now)."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._path = path
-        self._writer = _connect(path)
-        self._writer.execute("PRAGMA journal_mode = WAL")
-        # FULL: a write that returned survives power loss too, not only a killed process.
-        self._writer.execute("PRAGMA synchronous = FULL")
+    def __init__(self, database: Database, chunking: Chunking):
+        """The records in `database`, which the store owns (closes). `chunking`: what to record for
+        collections made before chunking was recorded (the settings they were most likely
+        written with: the ones in force now)."""
+        self._db = database
         self._write_lock = threading.Lock()
         # Run after the open transaction commits (or rolls back), still under the write lock:
-        # the keyword indexes change only with what SQLite durably holds.
+        # the keyword indexes change only with what the database durably holds.
         self._on_commit: list[Callable[[], None]] = []
         self._on_rollback: list[Callable[[], None]] = []
         self._keywords: dict[int, KeywordIndex] = {}
-        self._readers: list[sqlite3.Connection] = []
+        self._readers: list[Database] = []
         self._readers_lock = threading.Lock()
-        with self._write_lock:
-            # executescript commits whatever is open first, so it runs outside transaction().
-            self._writer.executescript("BEGIN IMMEDIATE;" + SCHEMA + "COMMIT;")
-        self._add_tenants()
-        self._add_chunking(chunking)
-        # Only now: with foreign keys on, the migration's DROP TABLE would cascade to the documents.
-        self._writer.execute("PRAGMA foreign_keys = ON")
+        database.migrate("knowledge", MIGRATIONS)
         with self.transaction() as tx:
+            tx.execute("UPDATE collections SET chunking = ? WHERE chunking = ''", (chunking.to_json(),))
             row = tx.execute("SELECT value FROM meta WHERE key = 'instance'").fetchone()
             if row is None:
                 # Names this store's Chroma collections, so that several stores can share one
@@ -184,49 +214,8 @@ class RecordStore:
         self.instance = row[0]
         self._load_keywords()
 
-    def _add_tenants(self) -> None:
-        """Give a store made before tenancy its tenant column; its collections become DEFAULT_TENANT's.
-
-        SQLite cannot drop the old UNIQUE (name) in place, so the table is rebuilt the documented
-        way (sqlite.org/lang_altertable.html, "other kinds of schema changes"): new table, copy
-        with the same ids, drop, rename; foreign keys off, all in one transaction.
-        """
-        with self.transaction() as tx:
-            columns = [row[1] for row in tx.execute("PRAGMA table_info(collections)")]
-            if "tenant" in columns:
-                return
-            (seq,) = tx.execute(
-                "SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'collections'"
-            ).fetchone()
-            tx.execute(f"CREATE TABLE collections_new {COLLECTIONS}")
-            tx.execute(
-                "INSERT INTO collections_new (id, tenant, name, chroma_name, metadata, created_at)"
-                " SELECT id, ?, name, chroma_name, metadata, created_at FROM collections",
-                (DEFAULT_TENANT,),
-            )
-            tx.execute("DROP TABLE collections")
-            tx.execute("ALTER TABLE collections_new RENAME TO collections")
-            # The copy left the id counter at the highest id still there (or none); a deleted
-            # collection's id above it must stay unused, or a new one would take its Chroma name.
-            tx.execute("DELETE FROM sqlite_sequence WHERE name = 'collections'")
-            tx.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('collections', ?)", (seq,))
-            broken = tx.execute("PRAGMA foreign_key_check").fetchall()
-            if broken:
-                raise RuntimeError(f"adding tenants to {self._path} left rows without their collection: {broken[:5]}")
-
-    def _add_chunking(self, chunking: Chunking) -> None:
-        with self.transaction() as tx:
-            columns = [row[1] for row in tx.execute("PRAGMA table_info(collections)")]
-            if "chunking" not in columns:
-                tx.execute("ALTER TABLE collections ADD COLUMN chunking TEXT NOT NULL DEFAULT ''")
-                tx.execute("ALTER TABLE collections ADD COLUMN reindex_of INTEGER")
-            tx.execute("UPDATE collections SET chunking = ? WHERE chunking = ''", (chunking.to_json(),))
-
     def _load_keywords(self) -> None:
         with self.transaction() as tx:
-            for (name,) in tx.execute("SELECT name FROM sqlite_master WHERE type = 'table'").fetchall():
-                if OLD_FTS_TABLE.fullmatch(name):
-                    tx.execute(f"DROP TABLE {name}")
             # The old index's rows, if a process stopped between a reindex's cut-over and its clean-up.
             tx.execute("DELETE FROM chunks WHERE collection_id NOT IN (SELECT id FROM collections)")
         with self.reading() as conn:
@@ -244,18 +233,19 @@ class RecordStore:
                 conn.close()
             self._readers.clear()
         with self._write_lock:
-            self._writer.close()
+            self._db.close()
+
+    @property
+    def dialect(self) -> str:
+        return self._db.dialect
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Database]:
         with self._write_lock:
-            self._writer.execute("BEGIN IMMEDIATE")
             try:
-                yield self._writer
-                self._writer.execute("COMMIT")
+                with self._db.transaction():
+                    yield self._db
             except BaseException:
-                if self._writer.in_transaction:
-                    self._writer.execute("ROLLBACK")
                 undo = self._on_rollback[::-1]
                 self._on_commit.clear()
                 self._on_rollback.clear()
@@ -269,12 +259,11 @@ class RecordStore:
                 action()
 
     @contextmanager
-    def reading(self) -> Iterator[sqlite3.Connection]:
+    def reading(self) -> Iterator[Database]:
         with self._readers_lock:
             conn = self._readers.pop() if self._readers else None
         if conn is None:
-            conn = _connect(self._path)
-            conn.execute("PRAGMA query_only = ON")
+            conn = Database(self._db.url, readonly=True)
         try:
             yield conn
         finally:
@@ -287,7 +276,7 @@ class RecordStore:
 
     # Collections
 
-    def collection(self, tenant: str, name: str, conn: sqlite3.Connection | None = None) -> CollectionRow | None:
+    def collection(self, tenant: str, name: str, conn: Database | None = None) -> CollectionRow | None:
         sql = f"SELECT {_COLLECTION} FROM collections c WHERE tenant = ? AND name = ? AND reindex_of IS NULL"
         if conn is not None:
             row = conn.execute(sql, (tenant, name)).fetchone()
@@ -305,7 +294,7 @@ class RecordStore:
             ).fetchall()
         return [(_collection(r), r[6]) for r in rows]
 
-    def shadow(self, conn: sqlite3.Connection, live_id: int) -> CollectionRow | None:
+    def shadow(self, conn: Database, live_id: int) -> CollectionRow | None:
         """The shadow an unfinished reindex of collection `live_id` is building, if any."""
         row = conn.execute(f"SELECT {_COLLECTION} FROM collections c WHERE reindex_of = ?", (live_id,)).fetchone()
         return None if row is None else _collection(row)
@@ -321,14 +310,14 @@ class RecordStore:
         return row[0]
 
     def insert_collection(
-        self, tx: sqlite3.Connection, tenant: str, name: str, metadata: Metadata, now: float, chunking: Chunking,
+        self, tx: Database, tenant: str, name: str, metadata: Metadata, now: float, chunking: Chunking,
         reindex_of: int | None = None,
     ) -> CollectionRow:
-        cid = tx.execute(
+        (cid,) = tx.execute(
             "INSERT INTO collections (tenant, name, chroma_name, metadata, created_at, chunking, reindex_of)"
-            " VALUES (?, ?, '', ?, ?, ?, ?)",
+            " VALUES (?, ?, '', ?, ?, ?, ?) RETURNING id",
             (tenant, name, canonical_json(metadata), now, chunking.to_json(), reindex_of),
-        ).lastrowid
+        ).fetchone()
         chroma_name = f"lorag-{self.instance}-{cid}"
         tx.execute("UPDATE collections SET chroma_name = ? WHERE id = ?", (chroma_name, cid))
         # In place before the commit, so that no search finds the collection without its index.
@@ -336,13 +325,13 @@ class RecordStore:
         self._on_rollback.append(lambda: self._keywords.pop(cid, None))
         return CollectionRow(cid, name, chroma_name, metadata, now, chunking)
 
-    def delete_collection(self, tx: sqlite3.Connection, collection_id: int) -> None:
+    def delete_collection(self, tx: Database, collection_id: int) -> None:
         self._on_commit.append(lambda: self._keywords.pop(collection_id, None))
         for table in ("chunks", "intents", "documents"):
             tx.execute(f"DELETE FROM {table} WHERE collection_id = ?", (collection_id,))
         tx.execute("DELETE FROM collections WHERE id = ?", (collection_id,))
 
-    def cut_over(self, tx: sqlite3.Connection, live: CollectionRow, shadow: CollectionRow) -> None:
+    def cut_over(self, tx: Database, live: CollectionRow, shadow: CollectionRow) -> None:
         """The shadow becomes the collection (name, metadata, creation time); the live row and its
         documents go. Its chunk rows and keyword index stay for the searches still reading them,
         until `forget`."""
@@ -360,7 +349,7 @@ class RecordStore:
             tx.execute("DELETE FROM chunks WHERE collection_id = ?", (collection_id,))
         self._keywords.pop(collection_id, None)
 
-    def collection_exists(self, tx: sqlite3.Connection, collection_id: int) -> bool:
+    def collection_exists(self, tx: Database, collection_id: int) -> bool:
         return tx.execute("SELECT 1 FROM collections WHERE id = ?", (collection_id,)).fetchone() is not None
 
     # Documents
@@ -391,7 +380,7 @@ class RecordStore:
         return {doc_id: (version, digest) for doc_id, version, digest in rows}
 
     def current(
-        self, conn: sqlite3.Connection, collection_id: int, doc_ids: Iterable[str], *, text: bool = False
+        self, conn: Database, collection_id: int, doc_ids: Iterable[str], *, text: bool = False
     ) -> dict[str, DocumentRow]:
         """Active version, hash and chunk count (and text) of each listed document that exists."""
         found = {}
@@ -414,7 +403,7 @@ class RecordStore:
                 active[cid][doc_id] = version
         return active
 
-    def publish(self, tx: sqlite3.Connection, collection_id: int, docs: Sequence[Publication], now: float) -> None:
+    def publish(self, tx: Database, collection_id: int, docs: Sequence[Publication], now: float) -> None:
         """Make each document's new version the active one (its chunks already in Chroma)."""
         ids: list[int] = []
         texts: list[str] = []
@@ -445,10 +434,10 @@ class RecordStore:
             segment = build(ids, texts)
             self._on_commit.append(lambda: index.add(segment))
 
-    def remove_document(self, tx: sqlite3.Connection, collection_id: int, doc_id: str) -> None:
+    def remove_document(self, tx: Database, collection_id: int, doc_id: str) -> None:
         tx.execute("DELETE FROM documents WHERE collection_id = ? AND doc_id = ?", (collection_id, doc_id))
 
-    def drop_chunks(self, tx: sqlite3.Connection, collection_id: int, doc_id: str, keep_version: int | None) -> None:
+    def drop_chunks(self, tx: Database, collection_id: int, doc_id: str, keep_version: int | None) -> None:
         """Delete the document's chunk rows (and their keyword postings) except those of `keep_version`."""
         keep = -1 if keep_version is None else keep_version
         gone = [
@@ -464,7 +453,7 @@ class RecordStore:
 
     # Intents
 
-    def add_intents(self, tx: sqlite3.Connection, collection_id: int, doc_ids: Iterable[str], now: float) -> list[str]:
+    def add_intents(self, tx: Database, collection_id: int, doc_ids: Iterable[str], now: float) -> list[str]:
         """Record writes under way; returns the documents that already had one (a failed earlier write)."""
         leftover = []
         for doc_id in doc_ids:
@@ -475,7 +464,7 @@ class RecordStore:
                 leftover.append(doc_id)
         return leftover
 
-    def clear_intents(self, tx: sqlite3.Connection, collection_id: int, doc_ids: Iterable[str]) -> None:
+    def clear_intents(self, tx: Database, collection_id: int, doc_ids: Iterable[str]) -> None:
         tx.executemany(
             "DELETE FROM intents WHERE collection_id = ? AND doc_id = ?", [(collection_id, d) for d in doc_ids]
         )
@@ -496,23 +485,30 @@ class RecordStore:
         return index
 
     def chunks_by_id(
-        self, conn: sqlite3.Connection, collection_id: int, ids: Sequence[int], where: str, params: Sequence[object]
+        self, conn: Database, collection_id: int, ids: Sequence[int], where: str, params: Sequence[object]
     ) -> dict[int, ChunkRow]:
-        """The rows among `ids` that still exist and pass the SQL filter `where` (over c.metadata)."""
+        """The rows among `ids` that still exist and pass the SQL filter `where` (over c.metadata, in
+        this connection's dialect)."""
         if not ids:
             return {}
-        # CROSS JOIN fixes the plan: a rowid lookup per id. Left to itself, SQLite scans the
-        # collection's whole (collection_id, ...) index instead.
-        rows = conn.execute(
-            'SELECT c.id, c.doc_id, c.version, c.idx, c.start, c."end", c.text, c.metadata'
-            " FROM json_each(?) AS wanted CROSS JOIN chunks c ON c.id = wanted.value"
-            f" WHERE c.collection_id = ? AND ({where})",
-            (json.dumps(list(ids)), collection_id, *params),
-        ).fetchall()
+        columns = 'c.id, c.doc_id, c.version, c.idx, c.start, c."end", c.text, c.metadata'
+        if conn.dialect == "postgresql":
+            rows = conn.execute(
+                f"SELECT {columns} FROM chunks c WHERE c.id = ANY(?) AND c.collection_id = ? AND ({where})",
+                ([int(i) for i in ids], collection_id, *params),
+            ).fetchall()
+        else:
+            # CROSS JOIN fixes the plan: a rowid lookup per id. Left to itself, SQLite scans the
+            # collection's whole (collection_id, ...) index instead.
+            rows = conn.execute(
+                f"SELECT {columns} FROM json_each(?) AS wanted CROSS JOIN chunks c ON c.id = wanted.value"
+                f" WHERE c.collection_id = ? AND ({where})",
+                (json.dumps([int(i) for i in ids]), collection_id, *params),
+            ).fetchall()
         return {r[0]: ChunkRow(*r[1:7], json.loads(r[7])) for r in rows}
 
     def chunk(
-        self, conn: sqlite3.Connection, collection_id: int, doc_id: str, version: int, idx: int
+        self, conn: Database, collection_id: int, doc_id: str, version: int, idx: int
     ) -> ChunkRow | None:
         row = conn.execute(
             'SELECT doc_id, version, idx, start, "end", text, metadata FROM chunks'

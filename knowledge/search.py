@@ -14,7 +14,6 @@ old index under a search that found it.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -25,6 +24,7 @@ import numpy as np
 from knowledge.documents import Metadata
 from knowledge.embedding import Embedder
 from knowledge.errors import InvalidQuery
+from knowledge.database import Database
 from knowledge.filters import Filter
 from knowledge.keywords import query_terms
 from knowledge.reranking import Reranker
@@ -182,13 +182,13 @@ class Searcher:
         return self._accepted(seq, collection, fetch, want)
 
     def _keyword(
-        self, seq: int, collection: CollectionRow, conn: sqlite3.Connection, query: str, want: int, where: Filter | None
+        self, seq: int, collection: CollectionRow, conn: Database, query: str, want: int, where: Filter | None
     ) -> tuple[Ranked, dict[tuple[str, int, int], ChunkRow]]:
         terms = query_terms(query)
         if not terms:  # only punctuation: nothing to match, not an error
             return [], {}
         ranking = self._records.keywords(collection.id).rank(terms)
-        sql, params = where.to_sql("c.metadata") if where is not None else ("1", [])
+        sql, params = where.to_sql("c.metadata", conn.dialect) if where is not None else ("1 = 1", [])
         checked: dict[int, ChunkRow | None] = {}  # chunk row id → its row, None if filtered out or gone
         rows: dict[tuple[str, int, int], ChunkRow] = {}
 

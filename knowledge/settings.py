@@ -30,6 +30,11 @@ class KnowledgeSettings(BaseSettings):
         None,
         description="URL of a `chroma run` server (e.g. http://127.0.0.1:8001); unset: embedded Chroma under home.",
     )
+    database_url: str | None = Field(
+        None,
+        description="PostgreSQL URL (postgresql://USER:PASSWORD@HOST:PORT/NAME) shared by every gateway: documents, "
+        "versions and chunk text, the adapter registry and API keys; unset: SQLite files under home.",
+    )
     embedder_path: Path | None = Field(
         None,
         description="sentence-transformers model directory; unset: the packaged all-MiniLM-L6-v2 weights. "
@@ -103,3 +108,8 @@ class KnowledgeSettings(BaseSettings):
     @property
     def database_path(self) -> Path:
         return self.home / "knowledge.db"
+
+    @property
+    def database(self) -> str:
+        """The URL the records live at: LORAG_DATABASE_URL, else the SQLite file under home."""
+        return self.database_url or f"sqlite:///{self.database_path}"

@@ -45,7 +45,7 @@ log = logging.getLogger("lorag")
 
 def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None = None) -> FastAPI:
     """The gateway; knowledge settings default to LORAG_* variables with the service's home."""
-    knowledge_settings = knowledge_settings or KnowledgeSettings(home=settings.home)
+    knowledge_settings = knowledge_settings or KnowledgeSettings(home=settings.home, database_url=settings.database_url)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -64,9 +64,9 @@ def create_app(settings: Settings, knowledge_settings: KnowledgeSettings | None 
                                   headers=engine_auth)
             )
             metrics = Metrics()
-            registry = Registry(Database.sqlite(settings.store_path), settings.adapters_path)
+            registry = Registry(Database(settings.store), settings.adapters_path)
             stack.callback(registry.close)
-            keys = KeyStore(Database.sqlite(settings.store_path))
+            keys = KeyStore(Database(settings.store))
             stack.callback(keys.close)
             app.state.guard = Guard(keys, settings.auth_required, settings.metrics_key_required)
             if not settings.auth_required:

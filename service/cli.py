@@ -81,7 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     delete.add_argument("name")
     delete.add_argument("version", nargs="?")
 
-    keys = commands.add_parser("keys", help="create, list or revoke API keys (in the service's store under LORAG_HOME)")
+    db = commands.add_parser("db", help="the service's database (SQLite under LORAG_HOME, or LORAG_DATABASE_URL)")
+    db_commands = db.add_subparsers(dest="db_command", required=True)
+    db_commands.add_parser("upgrade", help="apply the schema migrations this lorag has and the database lacks "
+                           "(each store also applies them when it opens)")
+
+    keys = commands.add_parser("keys", help="create, list or revoke API keys (in the service's store: LORAG_HOME, or "
+                               "LORAG_DATABASE_URL)")
     key_commands = keys.add_subparsers(dest="keys_command", required=True)
     create = key_commands.add_parser("create", help="make a key; it is printed once and stored only hashed")
     create.add_argument("--tenant", required=True)
@@ -153,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
         return _train(settings, args.args)
     if args.command == "keys":
         return _keys(settings, args)
+    if args.command == "db":
+        return _db(settings)
     return _serve(settings)
 
 
@@ -268,19 +276,52 @@ def _remote_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", default=os.environ.get("LORAG_API_KEY"), help="an API key (LORAG_API_KEY)")
 
 
+def _db(settings: Settings) -> int:
+    from knowledge import KnowledgeSettings, records
+    from knowledge.database import Database, DatabaseError, redacted
+    from service.adapters import registry
+    from service.auth import keys
+
+    # Knowledge first: with SQLite it has a file of its own; with PostgreSQL one database holds all.
+    stores = [(KnowledgeSettings(home=settings.home, database_url=settings.database_url).database,
+               [("knowledge", records.MIGRATIONS)]),
+              (settings.store, [("adapters", registry.MIGRATIONS), ("api_keys", keys.MIGRATIONS)])]
+    for url, components in stores:
+        try:
+            db = Database(url)
+        except DatabaseError as exc:
+            print(f"lorag: {exc}", file=sys.stderr)
+            return 1
+        try:
+            for component, steps in components:
+                ran = db.migrate(component, steps)
+                print(f"{redacted(url)}: {component} at version {db.version(component)} ({ran} applied now)")
+        except DatabaseError as exc:
+            print(f"lorag: {exc}", file=sys.stderr)
+            return 1
+        finally:
+            db.close()
+    return 0
+
+
 def _keys(settings: Settings, args: argparse.Namespace) -> int:
-    from knowledge.database import Database
+    from knowledge.database import Database, DatabaseError, redacted
     from service.auth.keys import KeyRefused, KeyStore, utc
 
-    # The service's own store: LORAG_HOME, never the working directory.
-    store = KeyStore(Database.sqlite(settings.store_path))
+    # The service's own store: LORAG_HOME (never the working directory), or LORAG_DATABASE_URL.
+    try:
+        store = KeyStore(Database(settings.store))
+    except DatabaseError as exc:
+        print(f"lorag: {exc}", file=sys.stderr)
+        return 1
     try:
         if args.keys_command == "create":
             key, token = store.create(args.tenant, [s.strip() for s in args.scopes.split(",") if s.strip()],
                                       max_inflight=args.max_inflight, tokens_per_minute=args.tokens_per_minute,
                                       expires=args.expires)
             until = f", expires {utc(key.expires)}" if key.expires else ""
-            print(f"key {key.id} for tenant {key.tenant} ({', '.join(key.scopes)}{until}) in {settings.store_path}; "
+            where = redacted(settings.database_url) if settings.database_url else settings.store_path
+            print(f"key {key.id} for tenant {key.tenant} ({', '.join(key.scopes)}{until}) in {where}; "
                   "shown once, keep it now:")
             print(token)
         elif args.keys_command == "list":

@@ -32,6 +32,11 @@ class Settings(BaseSettings):
         description="Data directory: models, adapters, state (the key store too), logs; default $XDG_DATA_HOME/lorag "
         "or ~/.local/share/lorag.",
     )
+    database_url: str | None = Field(
+        None,
+        description="PostgreSQL URL shared by every gateway (the adapter registry, API keys and the knowledge "
+        "base's records); unset: SQLite files under home.",
+    )
     log_level: str = Field("info", description="Log level; 'debug' also shows the embedded engine's output.")
     log_format: Literal["text", "json"] = Field(
         "text", description="Log lines as text or as one JSON object each; both carry the request id."
@@ -219,8 +224,13 @@ class Settings(BaseSettings):
 
     @property
     def store_path(self) -> Path:
-        """The SQLite store of the adapter registry and the API keys (the service and `lorag keys` open it)."""
+        """The SQLite file of the adapter registry and the API keys when LORAG_DATABASE_URL is unset."""
         return self.home / "lorag.db"
+
+    @property
+    def store(self) -> str:
+        """Where the adapter registry and the API keys live (the service and `lorag keys` open it)."""
+        return self.database_url or f"sqlite:///{self.store_path}"
 
     @property
     def adapters_path(self) -> Path:

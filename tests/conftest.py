@@ -6,7 +6,6 @@ from __future__ import annotations
 import shutil
 import signal
 import tempfile
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -82,10 +81,4 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """An empty database on each backend: a SQLite file, or a new database on the session's server."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'lorag.db'}"
-    import psycopg
-
-    server = request.getfixturevalue("postgres_server")
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(server.url, autocommit=True) as admin:
-        admin.execute(f"CREATE DATABASE {name}")
-    return server.url.rsplit("/", 1)[0] + f"/{name}"
+    return request.getfixturevalue("postgres_server").database(str(tmp_path))

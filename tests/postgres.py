@@ -8,6 +8,7 @@ server where it is missing.
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 import shutil
 import subprocess
@@ -33,10 +34,22 @@ class PostgresServer:
     root: Path
     port: int = field(default_factory=free_port)
     user: str | None = None  # the system user the server runs as; None: this process's
+    made: set[str] = field(default_factory=set)
 
     @property
     def url(self) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{DATABASE}"
+
+    def database(self, key: str) -> str:
+        """The URL of a database of `key`'s own, empty when first asked for."""
+        import psycopg
+
+        name = "t_" + hashlib.sha256(key.encode()).hexdigest()[:20]
+        if name not in self.made:
+            with psycopg.connect(self.url, autocommit=True) as admin:
+                admin.execute(f"CREATE DATABASE {name}")
+            self.made.add(name)
+        return self.url.rsplit("/", 1)[0] + f"/{name}"
 
     def _run(self, *argv: str, **kwargs) -> subprocess.CompletedProcess:
         command = [*(["runuser", "-u", self.user, "--"] if self.user else []), *argv]

@@ -1,5 +1,6 @@
-"""Real components for knowledge tests: the packaged embedder (loaded once), and Chroma both
-embedded in a temp dir and as the session's `chroma run` server (tests/conftest.py)."""
+"""Real components for knowledge tests: the packaged embedder (loaded once), and the store both
+embedded (SQLite, Chroma in a temp dir) and scaled out (the session's PostgreSQL and `chroma run`
+servers, tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -24,9 +25,14 @@ def chroma_mode(request: pytest.FixtureRequest) -> str:
 
 
 def chroma_settings(mode: str, home: Path, request: pytest.FixtureRequest, **overrides) -> KnowledgeSettings:
-    """Settings for `home`, with Chroma embedded there or on the session's server."""
-    url = request.getfixturevalue("chroma_server") if mode == "server" else None
-    return KnowledgeSettings(_env_file=None, home=home, chroma_url=url, **overrides)
+    """Settings for `home`, the two ways lorag runs: embedded ("persistent": SQLite and Chroma in
+    home) or scaled out ("server": a PostgreSQL database of home's own on the session's server,
+    and the session's `chroma run` server)."""
+    if mode != "server":
+        return KnowledgeSettings(_env_file=None, home=home, **overrides)
+    database = request.getfixturevalue("postgres_server").database(str(home))
+    return KnowledgeSettings(_env_file=None, home=home, chroma_url=request.getfixturevalue("chroma_server"),
+                             database_url=database, **overrides)
 
 
 @pytest.fixture

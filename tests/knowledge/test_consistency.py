@@ -11,7 +11,7 @@ import pytest
 from knowledge import Embedder, KnowledgeBase
 from knowledge.documents import DEFAULT_TENANT
 from knowledge.versions import Versions
-from tests.knowledge.inspection import chroma_chunks, chroma_name, sqlite_chunks
+from tests.knowledge.inspection import chroma_chunks, chroma_name, chunk_rows
 
 VERSIONS = 30
 QUERY = "zebra lighthouse"
@@ -84,7 +84,7 @@ def test_readers_see_exactly_one_version_while_a_document_is_rewritten(live_kb: 
     assert len(seen_versions) > 5  # the readers really did run across the rewrites
     final = len(kb.chunker.split(version_text(VERSIONS)))
     assert chroma_chunks(kb, "live", "doc") == [("doc", VERSIONS, i) for i in range(final)]
-    assert sqlite_chunks(kb, "live", "doc") == [(VERSIONS, i) for i in range(final)]
+    assert chunk_rows(kb, "live", "doc") == [(VERSIONS, i) for i in range(final)]
 
 
 def test_writes_to_one_document_are_serialised(live_kb: KnowledgeBase):

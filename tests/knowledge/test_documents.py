@@ -15,7 +15,7 @@ from knowledge import (
     KnowledgeBase,
     WriteResult,
 )
-from tests.knowledge.inspection import chroma_chunks, chroma_name, keyword_matches, sqlite_chunks
+from tests.knowledge.inspection import chroma_chunks, chroma_name, chunk_rows, keyword_matches
 
 LONG = " ".join(f"Paragraph {i} talks about lighthouse keepers and their lamps." for i in range(60))
 
@@ -71,7 +71,7 @@ def test_put_get_list_delete(kb: KnowledgeBase):
     with pytest.raises(DocumentNotFound):
         kb.delete_document("docs", "guide")
     assert chroma_chunks(kb, "docs", "guide") == []
-    assert sqlite_chunks(kb, "docs", "guide") == []
+    assert chunk_rows(kb, "docs", "guide") == []
     assert keyword_matches(kb, "docs", "lighthouse") == []
     assert all(hit.doc_id != "guide" for hit in kb.search("docs", "lighthouse keepers", top_k=10).hits)
 
@@ -97,7 +97,7 @@ def test_new_version_replaces_every_old_chunk(kb: KnowledgeBase):
     v2 = kb.put_document("docs", "d", "Now it is about submarine navigation.")
     assert (v2.status, v2.version, v2.chunks) == ("updated", 2, 1)
     assert chroma_chunks(kb, "docs", "d") == [("d", 2, 0)]
-    assert sqlite_chunks(kb, "docs", "d") == [(2, 0)]
+    assert chunk_rows(kb, "docs", "d") == [(2, 0)]
     assert keyword_matches(kb, "docs", "lighthouse") == []
     assert keyword_matches(kb, "docs", "submarine") == [("d", 2)]
     hits = kb.search("docs", "lighthouse keepers lamps", top_k=10, mode="dense").hits
@@ -106,7 +106,7 @@ def test_new_version_replaces_every_old_chunk(kb: KnowledgeBase):
     # Grows back: version 3, all of its chunks, nothing of version 2.
     v3 = kb.put_document("docs", "d", LONG + " The end.")
     assert chroma_chunks(kb, "docs", "d") == [("d", 3, i) for i in range(v3.chunks)]
-    assert {v for v, _ in sqlite_chunks(kb, "docs", "d")} == {3}
+    assert {v for v, _ in chunk_rows(kb, "docs", "d")} == {3}
 
 
 def test_read_your_writes(kb: KnowledgeBase):

@@ -15,7 +15,7 @@ from knowledge import DocumentInput, Embedder, KnowledgeBase, records
 from knowledge.documents import DEFAULT_TENANT
 from knowledge.keywords import B, K1, KeywordIndex, build, query_terms, words
 from knowledge.stemming import stem
-from tests.knowledge.inspection import keyword_matches
+from tests.knowledge.inspection import keyword_matches, rows
 from training.demo.corpus import corpus
 
 FTS5_TOKENIZER = "porter unicode61 remove_diacritics 2"  # what keyword search ran on before the index
@@ -161,9 +161,8 @@ def test_rewrites_and_deletes_keep_the_index_in_step_and_reopening_rebuilds_it(m
         assert keyword_matches(kb, "docs", "zebra") == [("d3", 2)]
         assert all(doc_id != "d5" for doc_id, _ in keyword_matches(kb, "docs", "the"))
         # Exactly the chunk rows SQLite holds: no stale version, no deleted document.
-        with sqlite3.connect(settings.database_path) as conn:
-            rows = sorted(conn.execute("SELECT doc_id, version FROM chunks").fetchall())
-        assert keyword_matches(kb, "docs", "the a of") == sorted(set(rows), key=repr)
+        stored = sorted(rows(kb, "SELECT doc_id, version FROM chunks"))
+        assert keyword_matches(kb, "docs", "the a of") == sorted(set(stored), key=repr)
         before = {q: keyword_hits(kb, q) for q in queries}
         assert before["ZEBRA"][0][:2] == ("d3", 2)
     with KnowledgeBase(settings, embedder=embedder) as kb:
@@ -174,14 +173,16 @@ def test_rewrites_and_deletes_keep_the_index_in_step_and_reopening_rebuilds_it(m
         assert {q: keyword_hits(kb, q) for q in queries} == before
 
 
-def test_opening_drops_the_old_fts5_tables(make_settings, embedder: Embedder):
+@pytest.mark.parametrize("chroma_mode", ["persistent"])  # an older lorag's store: SQLite only
+def test_opening_drops_the_old_fts5_tables(make_settings, embedder: Embedder, chroma_mode):
     settings = make_settings()
     with KnowledgeBase(settings, embedder=embedder) as kb:
         kb.create_collection("docs")
         kb.put_document("docs", "d", "Ferries leave every ten minutes.")
         cid = kb.records.collection(DEFAULT_TENANT, "docs").id
-    with sqlite3.connect(settings.database_path) as conn:  # as the FTS5 version left it
+    with sqlite3.connect(settings.database_path) as conn:  # as the FTS5 version left it: no migrations recorded
         conn.execute(f"CREATE VIRTUAL TABLE fts_{cid} USING fts5(text, content='chunks', content_rowid='id')")
+        conn.execute("DROP TABLE schema_migrations")
     with KnowledgeBase(settings, embedder=embedder) as kb:
         with sqlite3.connect(settings.database_path) as conn:
             names = [n for (n,) in conn.execute("SELECT name FROM sqlite_master WHERE name LIKE 'fts%'")]

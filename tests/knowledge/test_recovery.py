@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -18,15 +17,14 @@ from knowledge import Embedder, KnowledgeBase
 from knowledge.documents import DEFAULT_TENANT
 from knowledge.records import Publication
 from knowledge.vectors import chunk_id
-from tests.knowledge.inspection import chroma_chunks, chroma_name, keyword_matches, sqlite_chunks
+from tests.knowledge.inspection import chroma_chunks, chroma_name, chunk_rows, keyword_matches, rows
 
 V1 = "The archive opens at nine. Visitors sign the ledger at the oak desk."
 V2 = "The archive now opens at ten. Visitors scan a badge at the glass gate."
 
 
 def intents(kb: KnowledgeBase) -> list[tuple]:
-    with sqlite3.connect(kb.settings.database_path) as conn:
-        return conn.execute("SELECT collection_id, doc_id FROM intents").fetchall()
+    return rows(kb, "SELECT collection_id, doc_id FROM intents")
 
 
 def half_write(kb: KnowledgeBase, doc_id: str, text: str, version: int, *, flip: bool) -> None:
@@ -73,12 +71,12 @@ def test_crash_after_the_flip_finishes_the_clean_up(make_settings, embedder: Emb
         kb.create_collection("docs")
         kb.put_document("docs", "hours", V1)
         half_write(kb, "hours", V2, 2, flip=True)
-        assert sqlite_chunks(kb, "docs", "hours") == [(1, 0), (2, 0)]
+        assert chunk_rows(kb, "docs", "hours") == [(1, 0), (2, 0)]
 
     with KnowledgeBase(settings, embedder=embedder) as kb:
         assert kb.recovered == 1 and intents(kb) == []
         assert chroma_chunks(kb, "docs", "hours") == [("hours", 2, 0)]
-        assert sqlite_chunks(kb, "docs", "hours") == [(2, 0)]
+        assert chunk_rows(kb, "docs", "hours") == [(2, 0)]
         assert keyword_matches(kb, "docs", "ledger oak") == []
         hits = kb.search("docs", "archive opening hours badge", mode="hybrid").hits
         assert [(h.doc_id, h.version) for h in hits] == [("hours", 2)]
@@ -98,7 +96,7 @@ def test_crash_during_a_delete_removes_every_chunk(make_settings, embedder: Embe
     with KnowledgeBase(settings, embedder=embedder) as kb:
         assert kb.recovered == 1
         assert chroma_chunks(kb, "docs") == [("kept", 1, 0)]
-        assert sqlite_chunks(kb, "docs", "gone") == []
+        assert chunk_rows(kb, "docs", "gone") == []
         assert [h.doc_id for h in kb.search("docs", "archive visitors", top_k=5).hits] == ["kept"]
 
 
@@ -173,7 +171,7 @@ def test_sigkill_mid_write_loses_nothing_acknowledged(make_settings, embedder: E
         assert {d.doc_id: d.version for d in docs} == {"single": 3, **{f"bulk-{k}": 3 for k in range(4)}}
         for doc in docs:
             assert chroma_chunks(kb, "crash", doc.doc_id) == [(doc.doc_id, doc.version, i) for i in range(doc.chunks)]
-            assert sqlite_chunks(kb, "crash", doc.doc_id) == [(doc.version, i) for i in range(doc.chunks)]
+            assert chunk_rows(kb, "crash", doc.doc_id) == [(doc.version, i) for i in range(doc.chunks)]
             text = kb.get_document("crash", doc.doc_id).text
             assert "round3" in text
             hits = kb.search("crash", text[:60], top_k=10, mode="hybrid").hits
@@ -216,5 +214,5 @@ def test_a_failed_clean_up_is_finished_by_the_next_write(kb: KnowledgeBase, monk
 
     kb.put_document("docs", "hours", V1)
     assert chroma_chunks(kb, "docs", "hours") == [("hours", 3, 0)]
-    assert sqlite_chunks(kb, "docs", "hours") == [(3, 0)]
+    assert chunk_rows(kb, "docs", "hours") == [(3, 0)]
     assert intents(kb) == []

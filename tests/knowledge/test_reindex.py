@@ -4,6 +4,7 @@ index serving and resumes."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from knowledge import DocumentInput, Embedder, KnowledgeBase
+from knowledge.database import Database
 from knowledge.documents import DEFAULT_TENANT
 from knowledge.errors import (
     CollectionNotFound,
@@ -25,7 +27,7 @@ from knowledge.errors import (
     ReindexRunning,
 )
 from knowledge.reindexing import BATCH
-from tests.knowledge.inspection import chroma_chunks, keyword_matches, sqlite_chunks
+from tests.knowledge.inspection import chroma_chunks, chunk_rows, keyword_matches, rows
 
 OLD = {"size": 24, "overlap": 4}
 NEW = {"size": 64, "overlap": 8}
@@ -82,7 +84,7 @@ def test_a_reindex_rebuilds_every_chunk_and_keeps_documents_as_they_were(kb: Kno
         assert after[doc_id].chunks < doc.chunks
     expected = spans(kb, NEW)
     assert {(d, v, i) for d, v, i, *_ in expected} == set(chroma_chunks(kb, "docs"))
-    assert sqlite_chunks(kb, "docs", "d03") == [(1, i) for i in range(after["d03"].chunks)]
+    assert chunk_rows(kb, "docs", "d03") == [(1, i) for i in range(after["d03"].chunks)]
     # The old Chroma collection is gone; the new one is the only one left.
     assert len(chroma_names(kb)) == 1 and not chroma_names(kb) & old_names
     for mode in ("dense", "keyword", "hybrid"):
@@ -248,19 +250,18 @@ def test_sigkill_mid_reindex_leaves_one_whole_index(make_settings, embedder: Emb
         assert set(chroma_chunks(kb, "docs")) == {(d, v, i) for d, v, i, *_ in new}
         assert hit_spans(kb.search("docs", "copper harbour", top_k=10)) <= new
         assert len(chroma_names(kb)) == 1  # the old index's Chroma collection was swept
-        with sqlite3.connect(settings.database_path) as conn:
-            (orphans,) = conn.execute(
-                "SELECT COUNT(*) FROM chunks WHERE collection_id NOT IN (SELECT id FROM collections)"
-            ).fetchone()
-        assert orphans == 0
+        assert rows(kb, "SELECT COUNT(*) FROM chunks WHERE collection_id NOT IN (SELECT id FROM collections)") == [(0,)]
 
 
 def test_a_collection_from_another_embedder_must_be_reindexed(make_settings, embedder: Embedder):
     settings = make_settings()
     with KnowledgeBase(settings, embedder=embedder) as kb:
         fill(kb)
-    with sqlite3.connect(settings.database_path) as conn:  # as if the service now ran another model
-        conn.execute("UPDATE collections SET chunking = json_set(chunking, '$.embedder', 'other-model:384d:0')")
+    db = Database(settings.database)  # as if the service now ran another model
+    for cid, chunking in db.execute("SELECT id, chunking FROM collections").fetchall():
+        db.execute("UPDATE collections SET chunking = ? WHERE id = ?",
+                   (json.dumps({**json.loads(chunking), "embedder": "other-model:384d:0"}), cid))
+    db.close()
     with KnowledgeBase(settings, embedder=embedder) as reopened:
         for mode in ("dense", "hybrid"):
             with pytest.raises(ReindexRequired, match="lorag docs reindex docs"):
@@ -333,13 +334,16 @@ def test_a_collection_deleted_mid_copy_fails_its_reindex(kb: KnowledgeBase, monk
     assert chroma_names(kb) == set() and kb.list_collections() == []
 
 
-def test_a_store_from_before_chunking_was_recorded_records_the_settings_in_force(make_settings, embedder: Embedder):
+@pytest.mark.parametrize("chroma_mode", ["persistent"])  # an older lorag's store: SQLite only
+def test_a_store_from_before_chunking_was_recorded_records_the_settings_in_force(make_settings, embedder: Embedder,
+                                                                                 chroma_mode):
     settings = make_settings(chunk_tokens=32, chunk_overlap=6)
     with KnowledgeBase(settings, embedder=embedder) as kb:
         kb.create_collection("docs")
     with sqlite3.connect(settings.database_path) as conn:  # the columns an older lorag did not have
         conn.execute("ALTER TABLE collections DROP COLUMN chunking")
         conn.execute("ALTER TABLE collections DROP COLUMN reindex_of")
+        conn.execute("DROP TABLE schema_migrations")  # nor did it record migrations
     with KnowledgeBase(settings, embedder=embedder) as kb:
         chunking = kb.get_collection("docs").chunking
         assert (chunking.size, chunking.overlap, chunking.title_key) == (32, 6, "title")
