@@ -289,18 +289,15 @@ def _db(settings: Settings) -> int:
     for url, components in stores:
         try:
             db = Database(url)
-        except DatabaseError as exc:
+            try:
+                for component, steps in components:
+                    ran = db.migrate(component, steps)
+                    print(f"{redacted(url)}: {component} at version {db.version(component)} ({ran} applied now)")
+            finally:
+                db.close()
+        except DatabaseError as exc:  # unreachable, or a schema newer than this lorag
             print(f"lorag: {exc}", file=sys.stderr)
             return 1
-        try:
-            for component, steps in components:
-                ran = db.migrate(component, steps)
-                print(f"{redacted(url)}: {component} at version {db.version(component)} ({ran} applied now)")
-        except DatabaseError as exc:
-            print(f"lorag: {exc}", file=sys.stderr)
-            return 1
-        finally:
-            db.close()
     return 0
 
 
