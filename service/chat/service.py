@@ -18,8 +18,8 @@ from service.chat.fair_share import FairShare, Slot
 from service.chat.retrieval import Grounding, Retrieval
 from service.chat.schemas import ChatCompletionRequest
 from service.engine.chat import EngineAnswer, EngineChat
-from service.engine.pool import EnginePool
-from service.errors import EngineError, LimitExceeded, LoragError, Overloaded, envelope
+from service.engine.pool import Engine, EnginePool
+from service.errors import EngineError, EngineUnavailable, LimitExceeded, LoragError, Overloaded, envelope
 from service.adapters.leases import Lease
 from service.adapters.service import AdapterService
 from service.metrics import Metrics
@@ -46,6 +46,7 @@ class Admission:
     grounding: Grounding | None = None
     waiting: bool = False  # sent to an engine that has not answered yet (the queue-depth gauge)
     streamed: int = 0  # stream frames relayed, about a token each: the charge when no usage arrives
+    engine: Engine | None = None  # where it was sent; its in-flight count is ours until the end
     ended: bool = False
 
 
@@ -136,6 +137,7 @@ class ChatService:
             return
         admission.ended = True
         self._answered(admission)
+        self._release_engine(admission)
         self._in_flight -= 1
         self._metrics.in_flight.dec()
         if admission.lease is not None:
@@ -213,12 +215,37 @@ class ChatService:
         return Relay(self._relay(answer, admission), answer, lambda: self.end(admission, "cancelled"))
 
     async def _send(self, admission: Admission) -> EngineAnswer:
+        """Send to the least busy engine; one that cannot be reached, or drops the request before
+        its status line, is left for the next (nothing has reached the client yet)."""
         target = admission.target
-        engine = self._engines.pick(target.served if target.version else None)
+        tried: list[Engine] = []
+        failure: EngineUnavailable | None = None
         admission.waiting = True
         self._metrics.waiting.inc()
-        # One id from the client to the engine's log: vLLM names its request after it.
-        return await self._engine_chat.send(engine, admission.body, headers={"X-Request-Id": current_request_id()})
+        while True:
+            try:
+                engine = self._engines.pick(target.served if target.version else None, avoid=tried)
+            except EngineUnavailable:
+                if failure is not None:  # every engine was tried: the last one's own reason
+                    raise failure from None
+                raise
+            admission.engine = engine
+            engine.inflight += 1
+            try:
+                # One id from the client to the engine's log: vLLM names its request after it.
+                return await self._engine_chat.send(engine, admission.body,
+                                                    headers={"X-Request-Id": current_request_id()})
+            except EngineUnavailable as exc:
+                self._release_engine(admission)
+                tried.append(engine)
+                failure = exc
+                log.warning("engine %s failed before answering (%s); trying another", engine.name, exc.message)
+
+    @staticmethod
+    def _release_engine(admission: Admission) -> None:
+        if admission.engine is not None:
+            admission.engine.inflight -= 1
+            admission.engine = None
 
     async def _relay(self, answer: EngineAnswer, admission: Admission) -> AsyncGenerator[bytes, None]:
         """Re-emit the engine's SSE events whole; a broken stream ends with an error event and [DONE].

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass, field
 
 import httpx
@@ -35,6 +35,7 @@ class Engine:
     url: str | None
     up: bool = False
     misses: int = 0  # health checks in a row that got no answer in time
+    inflight: int = 0  # this gateway's requests on it, from sending until their answer ends
     # Served names of the adapters loaded on it, as last seen or changed by the gateway.
     loaded: set[str] = field(default_factory=set)
     # Serialises adapter loads and unloads on this engine (vLLM answers 400 to a double load).
@@ -45,7 +46,7 @@ Sync = Callable[[Engine], Awaitable[None]]
 
 
 class EnginePool:
-    """Round-robin over the engines that are up.
+    """Least outstanding requests over the engines that are up (ties in turn).
 
     Embedded mode: one engine whose URL and liveness come from the supervisor.
     External mode: the `LORAG_ENGINE_URLS` servers. Both are probed in the background.
@@ -93,14 +94,20 @@ class EnginePool:
         if self._supervisor is not None:
             await self._supervisor.stop()
 
-    def pick(self, model: str | None = None) -> Engine:
-        """The next engine that is up (and, for an adapter, has it loaded); EngineUnavailable if none."""
-        engines = [e for e in self.engines if e.up and e.url and (model is None or model in e.loaded)]
+    def pick(self, model: str | None = None, avoid: Collection[Engine] = ()) -> Engine:
+        """The engine that is up (and, for an adapter, has it loaded) with the fewest of this gateway's
+        requests in flight, other than those in `avoid`; EngineUnavailable if none. Counting requests,
+        not turns: a long generation keeps its engine busy, and the next request goes elsewhere."""
+        engines = [e for e in self.engines
+                   if e.up and e.url and (model is None or model in e.loaded) and e not in avoid]
         if not engines:
-            if model is not None and any(e.up for e in self.engines):
+            if model is not None and any(e.up for e in self.engines if e not in avoid):
                 raise EngineUnavailable(f"{model} is not loaded on any engine yet; retry shortly")
             raise EngineUnavailable()
-        return engines[next(self._turn) % len(engines)]
+        turn = next(self._turn)
+        # Rotating where the scan starts spreads ties instead of piling them on the first engine.
+        rotated = engines[turn % len(engines):] + engines[: turn % len(engines)]
+        return min(rotated, key=lambda e: e.inflight)
 
     def up(self) -> list[Engine]:
         return [e for e in self.engines if e.up and e.url]
