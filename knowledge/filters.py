@@ -179,9 +179,9 @@ def _chroma(node: Node) -> dict:
 
 @dataclass(frozen=True)
 class _Json:
-    """One dialect's JSON tests: `kind(column)` names a field's JSON type (never NULL, so NOT
-    reads "missing or different", as in Chroma), `text`/`number` read its value; each takes its
-    path as a parameter."""
+    """One dialect's JSON tests, as SQL over `{column}` taking the field's path as a parameter:
+    `kind` names the field's JSON type ('' when missing, never NULL, so that NOT reads "missing
+    or different", as in Chroma); `text` and `number` read its value."""
 
     path: Callable[[str], str]
     kind: str
@@ -202,7 +202,7 @@ _POSTGRES = _Json(
     kind="COALESCE(jsonb_typeof(({column})::jsonb -> ?::text), '')",
     text="(({column})::jsonb ->> ?::text)",
     number="(({column})::jsonb ->> ?::text)::double precision",
-    names={"true": "'boolean'", "false": "'boolean'", "text": "'string'", "number": "('number')"},
+    names={"text": "'string'", "number": "('number')"},  # true and false: see _equals
 )
 
 

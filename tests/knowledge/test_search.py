@@ -1,4 +1,5 @@
-"""Dense, keyword and hybrid search, and metadata filters, on real Chroma, SQLite and the BM25 index."""
+"""Dense, keyword and hybrid search, and metadata filters, on real Chroma, SQLite or PostgreSQL, and the
+BM25 index."""
 
 from __future__ import annotations
 
@@ -91,7 +92,8 @@ def test_top_k_limits_hits(corpus: KnowledgeBase):
     assert len(corpus.search("corpus", "anything at all", top_k=5, mode="dense").hits) == 5
 
 
-# Each filter with the documents it must keep; the same answer from Chroma and from SQLite.
+# Each filter with the documents it must keep; the same answer from Chroma and from the SQL side (SQLite
+# embedded, PostgreSQL scaled out).
 FILTERS = [
     ({"topic": "geology"}, {"volcano", "tides"}),
     ({"topic": {"$eq": "games"}}, {"chess"}),
@@ -121,7 +123,7 @@ FILTERS = [
 
 
 @pytest.mark.parametrize(("where", "expected"), FILTERS, ids=[str(i) for i in range(len(FILTERS))])
-def test_filters_mean_the_same_in_chroma_and_sqlite(corpus: KnowledgeBase, where: dict, expected: set[str]):
+def test_filters_mean_the_same_in_chroma_and_sql(corpus: KnowledgeBase, where: dict, expected: set[str]):
     # Every document has "the" or "a"... so keyword search sees them all (a query of stopwords only
     # keeps them); dense sees all with top_k 20.
     query = "the a of and into by with that"
