@@ -83,21 +83,22 @@ class Database:
     def close(self) -> None:
         self._db.close()
 
+    def _native(self, sql: str) -> str:
+        """`?` placeholders in the driver's own style (psycopg's %s, a literal % doubled)."""
+        return sql.replace("%", "%%").replace("?", "%s") if self.dialect == "postgresql" else sql
+
     def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
         """Run one statement; the cursor it returns iterates rows and has fetchone, fetchall, rowcount."""
-        if self.dialect == "postgresql":
-            sql = sql.replace("%", "%%").replace("?", "%s")
         with self._lock:
-            return self._db.execute(sql, params)
+            return self._db.execute(self._native(sql), params)
 
     def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
-        if self.dialect == "postgresql":
-            sql = sql.replace("%", "%%").replace("?", "%s")
-            with self._lock, self._db.cursor() as cursor:
-                cursor.executemany(sql, rows)
-            return
         with self._lock:
-            self._db.executemany(sql, rows)
+            if self.dialect == "postgresql":
+                with self._db.cursor() as cursor:
+                    cursor.executemany(self._native(sql), rows)
+            else:
+                self._db.executemany(sql, rows)
 
     @contextmanager
     def transaction(self) -> Iterator[Database]:

@@ -235,10 +235,6 @@ class RecordStore:
         with self._write_lock:
             self._db.close()
 
-    @property
-    def dialect(self) -> str:
-        return self._db.dialect
-
     @contextmanager
     def transaction(self) -> Iterator[Database]:
         with self._write_lock:
